@@ -1,0 +1,51 @@
+"""Router losses: pure, keyword-only functions of one layer's routing decisions.
+
+Shape legend: T tokens (batch x sequence, flattened), E experts, K experts per token.
+Padding tokens (``token_mask_T == False``) never count: they are excluded from both the expert
+fractions and the mean router probabilities, for every K.
+"""
+
+import torch
+
+
+def load_balancing_loss(
+    *,
+    router_probs_TE: torch.Tensor,
+    expert_ids_TK: torch.Tensor,
+    token_mask_T: torch.Tensor,
+    num_experts: int,
+) -> torch.Tensor:
+    """Switch / GShard load-balancing loss ``E * sum_e f_e * P_e``.
+
+    ``f_e`` is the fraction of the (token, slot) assignments that went to expert ``e`` and ``P_e`` the
+    mean router probability of ``e``, both over non-padding tokens. The value is 1.0 under a perfectly
+    uniform router for any K (megablocks' normalization; HF Mixtral's equals this times K), so one
+    coefficient means the same thing across top-k settings. Gradients flow through ``P_e`` only.
+
+    Args:
+        router_probs_TE: softmax of the router logits, float32.
+        expert_ids_TK: chosen experts per token.
+        token_mask_T: True for real tokens, False for padding.
+        num_experts: E.
+
+    Returns:
+        A scalar tensor; 0 when there is no real token.
+    """
+    mask_T = token_mask_T.to(router_probs_TE.dtype)
+    num_tokens = mask_T.sum().clamp(min=1.0)
+    top_k = expert_ids_TK.shape[-1]
+    assignments_E = torch.zeros(num_experts, dtype=mask_T.dtype, device=mask_T.device)
+    assignments_E.scatter_add_(0, expert_ids_TK.reshape(-1), mask_T.repeat_interleave(top_k))
+    fraction_E = assignments_E / (num_tokens * top_k)
+    mean_prob_E = (router_probs_TE * mask_T[:, None]).sum(dim=0) / num_tokens
+    return num_experts * torch.dot(fraction_E, mean_prob_E)
+
+
+def router_z_loss(*, router_logits_TE: torch.Tensor, token_mask_T: torch.Tensor) -> torch.Tensor:
+    """ST-MoE router z-loss: mean over non-padding tokens of ``logsumexp(logits)**2``.
+
+    It keeps router logits small so the float32 softmax stays well conditioned (Zoph et al. 2022).
+    """
+    mask_T = token_mask_T.to(router_logits_TE.dtype)
+    log_z_T = torch.logsumexp(router_logits_TE, dim=-1)
+    return (log_z_T.square() * mask_T).sum() / mask_T.sum().clamp(min=1.0)

@@ -1,0 +1,342 @@
+"""Equivalence tests of the MoE layer: against a naive per-token loop, the dense FFN, and hand-computed losses."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from megamoe.model.moe_dispatch import expert_capacity, plan_dispatch
+from megamoe.model.moe_experts import FeedForward, GroupedExperts, grouped_linear
+from megamoe.model.moe_layer import MoEFeedForward
+from megamoe.model.moe_losses import load_balancing_loss, router_z_loss
+
+HIDDEN, WIDTH = 16, 32
+
+
+def make_layer(*, num_experts=4, top_k=2, mlp_type="glu", bias=False, **kwargs) -> MoEFeedForward:
+    act = "silu" if mlp_type == "glu" else "gelu"
+    layer = MoEFeedForward(
+        HIDDEN,
+        num_experts=num_experts,
+        top_k=top_k,
+        expert_intermediate_size=WIDTH,
+        mlp_type=mlp_type,
+        hidden_act=act,
+        bias=bias,
+        **kwargs,
+    )
+    for param in layer.parameters():
+        nn.init.normal_(param, std=0.3)
+    return layer
+
+
+def expert_ffn(experts: GroupedExperts, e: int, x_D: torch.Tensor) -> torch.Tensor:
+    """Expert e on one token, written out with plain matmuls."""
+    h = experts.up_weight[e] @ x_D
+    if experts.up_bias is not None:
+        h = h + experts.up_bias[e]
+    if experts.is_glu:
+        gate, up = h.chunk(2)
+        h = experts.act_fn(gate) * up
+    else:
+        h = experts.act_fn(h)
+    y = experts.down_proj[e] @ h
+    return y if experts.down_proj_bias is None else y + experts.down_proj_bias[e]
+
+
+def naive_moe(layer: MoEFeedForward, x_TD: torch.Tensor, mask_T: torch.Tensor) -> torch.Tensor:
+    """Loop over tokens and their top-k experts; padding tokens get zero."""
+    probs_TE = (x_TD.float() @ layer.router.weight.float().T).softmax(-1)
+    outputs = []
+    for t in range(x_TD.shape[0]):
+        y = torch.zeros(HIDDEN)
+        if mask_T[t]:
+            weights, ids = probs_TE[t].topk(layer.router.top_k)
+            if layer.router.norm_topk_prob:
+                weights = weights / weights.sum()
+            for w, e in zip(weights, ids.tolist(), strict=True):
+                y = y + w * expert_ffn(layer.experts, e, x_TD[t])
+        outputs.append(y)
+    return torch.stack(outputs)
+
+
+@pytest.mark.parametrize(("mlp_type", "bias"), [("glu", False), ("mlp", True)])
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_dropless_matches_naive_reference_forward_and_backward(mlp_type, bias, top_k):
+    layer = make_layer(num_experts=5, top_k=top_k, mlp_type=mlp_type, bias=bias)
+    x_BSD = torch.randn(3, 7, HIDDEN)
+    mask_BS = torch.ones(3, 7, dtype=torch.bool)
+    mask_BS[1, 4:] = False
+    mask_BS[2, 2:] = False
+
+    x_fast = x_BSD.clone().requires_grad_()
+    y_fast, _ = layer(x_fast, mask_BS)
+    x_ref = x_BSD.clone().requires_grad_()
+    y_ref = naive_moe(layer, x_ref.reshape(-1, HIDDEN), mask_BS.reshape(-1)).reshape(3, 7, HIDDEN)
+    torch.testing.assert_close(y_fast, y_ref, rtol=1e-5, atol=1e-5)
+
+    grad_out = torch.randn_like(y_ref)
+    fast_grads = torch.autograd.grad(y_fast, [x_fast, *layer.parameters()], grad_out)
+    ref_grads = torch.autograd.grad(y_ref, [x_ref, *layer.parameters()], grad_out)
+    for name, g_fast, g_ref in zip(
+        ["x", *dict(layer.named_parameters())], fast_grads, ref_grads, strict=True
+    ):
+        torch.testing.assert_close(
+            g_fast, g_ref, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"grad of {n}: {m}"
+        )
+
+
+@pytest.mark.parametrize(("mlp_type", "bias"), [("glu", False), ("mlp", True)])
+def test_one_expert_equals_dense_ffn(mlp_type, bias):
+    layer = make_layer(num_experts=1, top_k=1, mlp_type=mlp_type, bias=bias)
+    act = "silu" if mlp_type == "glu" else "gelu"
+    dense = FeedForward(HIDDEN, WIDTH, mlp_type=mlp_type, hidden_act=act, bias=bias)
+    copy_expert_into_dense(layer.experts, 0, dense)
+    x = torch.randn(2, 6, HIDDEN)
+    y, _ = layer(x, torch.ones(2, 6, dtype=torch.bool))
+    torch.testing.assert_close(y, dense(x), rtol=1e-5, atol=1e-6)
+
+
+def copy_expert_into_dense(experts: GroupedExperts, e: int, dense: FeedForward) -> None:
+    with torch.no_grad():
+        if experts.is_glu:
+            gate, up = experts.gate_up_proj[e].chunk(2)
+            dense.gate_proj.weight.copy_(gate)
+            dense.up_proj.weight.copy_(up)
+        else:
+            dense.up_proj.weight.copy_(experts.up_proj[e])
+        dense.down_proj.weight.copy_(experts.down_proj[e])
+        if experts.up_bias is not None:
+            dense.up_proj.bias.copy_(experts.up_bias[e])
+            dense.down_proj.bias.copy_(experts.down_proj_bias[e])
+
+
+@pytest.mark.parametrize(("mlp_type", "bias"), [("glu", False), ("mlp", True)])
+def test_identical_experts_equal_the_ffn_they_copy(mlp_type, bias):
+    """The sparse-upcycling invariant: E copies of one FFN, renormalized top-k weights -> that FFN."""
+    act = "silu" if mlp_type == "glu" else "gelu"
+    dense = FeedForward(HIDDEN, WIDTH, mlp_type=mlp_type, hidden_act=act, bias=bias)
+    for param in dense.parameters():
+        nn.init.normal_(param, std=0.3)
+    layer = make_layer(num_experts=8, top_k=2, mlp_type=mlp_type, bias=bias)
+    with torch.no_grad():
+        up = (
+            torch.cat([dense.gate_proj.weight, dense.up_proj.weight])
+            if mlp_type == "glu"
+            else dense.up_proj.weight
+        )
+        layer.experts.up_weight.copy_(up.expand_as(layer.experts.up_weight))
+        layer.experts.down_proj.copy_(dense.down_proj.weight.expand_as(layer.experts.down_proj))
+        if bias:
+            layer.experts.up_bias.copy_(dense.up_proj.bias.expand_as(layer.experts.up_bias))
+            layer.experts.down_proj_bias.copy_(dense.down_proj.bias.expand_as(layer.experts.down_proj_bias))
+    x = torch.randn(4, 9, HIDDEN)
+    y, stats = layer(x, torch.ones(4, 9, dtype=torch.bool))
+    torch.testing.assert_close(y, dense(x), rtol=1e-5, atol=1e-5)
+    assert int(stats.tokens_per_expert.sum()) == 4 * 9 * 2
+    assert (stats.tokens_per_expert > 0).sum() > 1, "the router should spread tokens over several experts"
+
+
+def test_padding_tokens_are_not_routed_and_do_not_change_real_tokens():
+    layer = make_layer(num_experts=4, top_k=2)
+    x = torch.randn(1, 5, HIDDEN)
+    alone, alone_stats = layer(x, torch.ones(1, 5, dtype=torch.bool))
+    padded_x = torch.cat([x, 100 * torch.randn(1, 3, HIDDEN)], dim=1)
+    mask = torch.tensor([[True] * 5 + [False] * 3])
+    padded, padded_stats = layer(padded_x, mask)
+    torch.testing.assert_close(padded[:, :5], alone, rtol=0, atol=0)
+    assert torch.all(padded[:, 5:] == 0)
+    assert torch.equal(padded_stats.tokens_per_expert, alone_stats.tokens_per_expert)
+    torch.testing.assert_close(padded_stats.aux_loss, alone_stats.aux_loss)
+    torch.testing.assert_close(padded_stats.z_loss, alone_stats.z_loss)
+
+
+def test_shared_expert_is_added_for_every_token():
+    layer = make_layer(num_experts=4, top_k=2, num_shared_experts=2)
+    assert layer.shared_experts.up_proj.out_features == 2 * WIDTH
+    x = torch.randn(2, 3, HIDDEN)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    with_shared, _ = layer(x, mask)
+    shared = layer.shared_experts
+    layer.shared_experts = None
+    routed_only, _ = layer(x, mask)
+    torch.testing.assert_close(with_shared, routed_only + shared(x.reshape(-1, HIDDEN)).reshape(2, 3, HIDDEN))
+
+
+def test_load_balancing_loss_hand_computed():
+    # 4 tokens, 2 experts, top-1: experts [0, 0, 0, 1]; probs as written.
+    probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.6, 0.4], [0.3, 0.7]])
+    ids = torch.tensor([[0], [0], [0], [1]])
+    loss = load_balancing_loss(
+        router_probs_TE=probs, expert_ids_TK=ids, token_mask_T=torch.ones(4, dtype=torch.bool), num_experts=2
+    )
+    # f = [3/4, 1/4], P = [2.6/4, 1.4/4] -> 2 * (0.75 * 0.65 + 0.25 * 0.35) = 1.15
+    assert loss.item() == pytest.approx(1.15, abs=1e-6)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_load_balancing_loss_ignores_padding(top_k):
+    probs = torch.tensor(
+        [[0.5, 0.3, 0.2], [0.1, 0.6, 0.3], [0.2, 0.2, 0.6], [0.98, 0.01, 0.01], [0.97, 0.02, 0.01]]
+    )
+    ids = probs.topk(top_k, dim=-1).indices
+    mask = torch.tensor([True, True, True, False, False])
+    with_padding = load_balancing_loss(
+        router_probs_TE=probs, expert_ids_TK=ids, token_mask_T=mask, num_experts=3
+    )
+    real_only = load_balancing_loss(
+        router_probs_TE=probs[:3], expert_ids_TK=ids[:3], token_mask_T=mask[:3], num_experts=3
+    )
+    assert with_padding.item() == pytest.approx(real_only.item(), abs=1e-7)
+    # By hand over the 3 real tokens.
+    counts = torch.zeros(3)
+    for row in ids[:3]:
+        counts[row] += 1
+    expected = 3 * torch.dot(counts / (3 * top_k), probs[:3].mean(0))
+    assert with_padding.item() == pytest.approx(expected.item(), abs=1e-7)
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 4])
+def test_load_balancing_loss_is_one_when_perfectly_balanced(top_k):
+    num_experts = 4
+    probs = torch.full((8, num_experts), 1 / num_experts)
+    ids = torch.stack([torch.roll(torch.arange(num_experts), t)[:top_k] for t in range(8)])
+    loss = load_balancing_loss(
+        router_probs_TE=probs,
+        expert_ids_TK=ids,
+        token_mask_T=torch.ones(8, dtype=torch.bool),
+        num_experts=num_experts,
+    )
+    assert loss.item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_router_z_loss_hand_computed():
+    logits = torch.tensor([[0.0, 0.0], [1.0, 2.0], [50.0, 50.0]])
+    mask = torch.tensor([True, True, False])
+    expected = (math.log(2) ** 2 + math.log(math.e + math.e**2) ** 2) / 2
+    assert router_z_loss(router_logits_TE=logits, token_mask_T=mask).item() == pytest.approx(
+        expected, rel=1e-6
+    )
+
+
+def forced_router(layer: MoEFeedForward, preferred_expert_order: list[int]) -> None:
+    """Make every token prefer the experts in this order (router ignores the input sign: x is positive)."""
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        for rank, e in enumerate(preferred_expert_order):
+            layer.router.weight[e] = float(len(preferred_expert_order) - rank)
+
+
+def test_capacity_drops_the_overflow_and_counts_it():
+    layer = make_layer(num_experts=4, top_k=1, capacity_factor=1.0)
+    forced_router(layer, [2, 0, 1, 3])
+    x = torch.rand(1, 8, HIDDEN) + 0.1  # positive inputs: every token picks expert 2
+    mask = torch.ones(1, 8, dtype=torch.bool)
+    mask[0, 7] = False  # padding does not take capacity: capacity = ceil(1.0 * 7 * 1 / 4) = 2
+    y, stats = layer(x, mask)
+    assert expert_capacity(num_tokens=7, top_k=1, num_experts=4, capacity_factor=1.0) == 2
+    assert stats.tokens_per_expert.tolist() == [0, 0, 7, 0]
+    assert int(stats.dropped_tokens) == 5
+    # The first two tokens (token order inside an expert) are kept; the dropped ones get a zero update.
+    assert torch.all(y[0, 2:] == 0)
+    reference = naive_moe(layer, x[0, :2], torch.ones(2, dtype=torch.bool))
+    torch.testing.assert_close(y[0, :2], reference, rtol=1e-5, atol=1e-6)
+
+
+def test_capacity_gives_first_choices_priority_over_second_choices():
+    ids_TK = torch.tensor([[0, 1], [1, 0], [0, 1], [1, 0]])  # expert 0: first choice of tokens 0, 2
+    weights_TK = torch.full((4, 2), 0.5)
+    plan = plan_dispatch(
+        expert_ids_TK=ids_TK,
+        weights_TK=weights_TK,
+        token_mask_T=torch.ones(4, dtype=torch.bool),
+        num_experts=2,
+        capacity_factor=0.5,  # capacity = ceil(0.5 * 4 * 2 / 2) = 2
+    )
+    assert plan.tokens_per_expert_E.tolist() == [2, 2]
+    assert int(plan.num_dropped) == 4
+    # Rows sorted by expert; each expert keeps exactly its first-choice tokens.
+    assert plan.token_idx_N.tolist() == [0, 2, 1, 3]
+
+
+def test_dropless_keeps_everything():
+    ids_TK = torch.randint(0, 3, (50, 2))
+    plan = plan_dispatch(
+        expert_ids_TK=ids_TK,
+        weights_TK=torch.rand(50, 2),
+        token_mask_T=torch.ones(50, dtype=torch.bool),
+        num_experts=3,
+    )
+    assert int(plan.num_dropped) == 0
+    assert plan.tokens_per_expert_E.tolist() == torch.bincount(ids_TK.flatten(), minlength=3).tolist()
+    # Every (token, slot) appears once, rows grouped by expert.
+    rows_per_token = torch.bincount(plan.token_idx_N, minlength=50)
+    assert torch.all(rows_per_token == 2)
+    slots = ids_TK.t().reshape(-1)
+    row_experts = torch.repeat_interleave(torch.arange(3), plan.tokens_per_expert_E)
+    for row, (token, expert) in enumerate(zip(plan.token_idx_N.tolist(), row_experts.tolist(), strict=True)):
+        assert expert in ids_TK[token].tolist(), f"row {row}: token {token} was not routed to expert {expert}"
+    assert slots.numel() == plan.token_idx_N.numel()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_mm_path_equals_loop_fallback(dtype):
+    sizes = torch.tensor([3, 0, 5, 0, 8])
+    x = torch.randn(16, 16, dtype=dtype, requires_grad=True)
+    w = torch.randn(5, 32, 16, dtype=dtype, requires_grad=True)
+    b = torch.randn(5, 32, dtype=dtype, requires_grad=True)
+    fast = grouped_linear(x, w, sizes, b)
+    loop = torch.cat(
+        [
+            x[s:e] @ w[g].T + b[g]
+            for g, (s, e) in enumerate(zip([0, 3, 3, 8, 8], [3, 3, 8, 8, 16], strict=True))
+        ]
+    )
+    tol = {"rtol": 1e-2, "atol": 1e-2} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(fast, loop, **tol)
+    grad = torch.randn_like(loop)
+    fast_grads = torch.autograd.grad(fast, [x, w, b], grad)
+    for g_fast, g_loop in zip(fast_grads, torch.autograd.grad(loop, [x, w, b], grad), strict=True):
+        torch.testing.assert_close(g_fast, g_loop, **tol)
+    assert torch.all(fast_grads[1][1] == 0), "an expert with no rows gets no gradient"
+
+
+def test_unaligned_shapes_use_the_fallback():
+    # 6 floats = 24 bytes per row: torch's grouped GEMM refuses it, the loop must take over.
+    x = torch.randn(4, 6)
+    w = torch.randn(2, 10, 6)
+    y = grouped_linear(x, w, torch.tensor([1, 3]))
+    torch.testing.assert_close(y, torch.cat([x[:1] @ w[0].T, x[1:] @ w[1].T]))
+
+
+def test_all_padding_batch_runs():
+    layer = make_layer()
+    y, stats = layer(torch.randn(2, 3, HIDDEN), torch.zeros(2, 3, dtype=torch.bool))
+    assert torch.all(y == 0)
+    assert int(stats.tokens_per_expert.sum()) == 0
+    assert torch.isfinite(stats.aux_loss) and torch.isfinite(stats.z_loss)
+
+
+def test_task_aware_router_needs_a_task_and_separates_tasks():
+    layer = make_layer(num_experts=4, top_k=1, num_tasks=2)
+    x = torch.randn(1, 6, HIDDEN)
+    mask = torch.ones(1, 6, dtype=torch.bool)
+    with pytest.raises(ValueError, match="task-aware"):
+        layer(x, mask)
+    with torch.no_grad():
+        layer.router.task_logit_bias.zero_()
+        layer.router.task_logit_bias[0, 0] = 100.0
+        layer.router.task_logit_bias[1, 3] = 100.0
+    assert layer(x, mask, task_id=0)[1].tokens_per_expert.tolist() == [6, 0, 0, 0]
+    assert layer(x, mask, task_id=1)[1].tokens_per_expert.tolist() == [0, 0, 0, 6]
+
+
+def test_jitter_noise_only_in_training():
+    layer = make_layer(jitter_noise=0.5)
+    x = torch.randn(2, 8, HIDDEN)
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    layer.eval()
+    torch.testing.assert_close(layer(x, mask)[0], layer(x, mask)[0], rtol=0, atol=0)
+    layer.train()
+    assert not torch.equal(layer(x, mask)[1].z_loss, layer(x, mask)[1].z_loss)
