@@ -6,7 +6,8 @@ fixed output gradient ``g`` (``y.backward(g)``):
 * ``dense``          SwiGLU FFN of width k*F: the same active parameters per token; denominator of every ratio.
 * ``megamoe``        ``megamoe.model.moe_layer.MoEFeedForward``: dropless, sort-based dispatch, grouped GEMM.
 * ``deepspeed``      ``deepspeed.moe.layer.MoE``, single process (1-rank gloo group), ep_size=1, k=2,
-                     capacity_factor=1.25 (drops overflow tokens), experts = SwiGLU FFNs of width F.
+                     capacity_factor=1.25 set explicitly (``MoE``'s own default is 1.0; overflow is dropped),
+                     experts = SwiGLU FFNs of width F.
 * ``hf_eager``       transformers' ``Qwen3MoeSparseMoeBlock``, default per-expert loop.
 * ``hf_grouped_mm``  the same block with ``config._experts_implementation = "grouped_mm"``.
 
@@ -51,6 +52,7 @@ SEQ_LEN = 512
 DS_CAPACITY_FACTOR = 1.25
 TARGETS = {8: 1.15, 64: 1.3}  # experts -> maximum megamoe/dense time ratio
 ANCHORS = ("deepspeed", "hf_eager")  # megamoe must beat these at E >= 32
+Y_TICKS = (1, 1.15, 1.3, 1.5, 2, 4, 8, 16)  # log-scale ticks of the ratio plot
 
 
 @dataclass
@@ -85,7 +87,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--hidden", type=int, default=256, help="hidden size d")
     parser.add_argument("--expert-width", type=int, default=512, help="expert intermediate size F")
     parser.add_argument("--top-k", type=int, default=2, help="experts per token k")
-    parser.add_argument("--repeats", type=int, default=10, help="timed rounds")
+    parser.add_argument("--repeats", type=int, default=20, help="timed rounds")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -233,7 +235,7 @@ def fwd_bwd_ms(impl: Impl, x: torch.Tensor, grad: torch.Tensor) -> float:
 
 def time_round_robin(
     impls: list[Impl], x: torch.Tensor, grad: torch.Tensor, args: argparse.Namespace
-) -> dict:
+) -> dict[str, float]:
     """Median fwd+bwd ms per implementation, each round running every implementation once."""
     times: dict[str, list[float]] = {impl.name: [] for impl in impls}
     for round_idx in range(args.warmup + args.repeats):
@@ -382,12 +384,22 @@ def plot(results: list[Result], path: Path, title: str) -> None:
     for ax, tokens in zip(axes[0], token_counts, strict=True):
         for impl in impls:
             points = sorted((r.experts, r.ratio) for r in results if r.tokens == tokens and r.impl == impl)
-            ax.plot(*zip(*points, strict=True), marker="o", label=impl)
+            ours = impl == "megamoe"
+            ax.plot(
+                *zip(*points, strict=True),
+                marker="o",
+                label=impl,
+                linewidth=2.5 if ours else 1.5,
+                zorder=3 if ours else 2,
+            )
         ax.axhline(1.0, color="gray", linestyle="--", linewidth=1, label="dense (same active params)")
         ax.scatter(
-            list(TARGETS), list(TARGETS.values()), marker="_", s=400, color="red", label="megamoe target"
+            list(TARGETS), list(TARGETS.values()), marker="_", s=400, color="black", label="megamoe target"
         )
         ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_yticks(Y_TICKS, labels=[f"{tick:g}x" for tick in Y_TICKS])
+        ax.minorticks_off()
         ax.set_xticks(sorted({r.experts for r in results}), labels=sorted({r.experts for r in results}))
         ax.set_xlabel("experts E")
         ax.set_title(f"T = {tokens} tokens")

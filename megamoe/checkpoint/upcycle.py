@@ -9,9 +9,10 @@ weights sum back to the dense FFN.
 from typing import Any
 
 import torch
-from transformers import PretrainedConfig
+from transformers import AutoModel, PretrainedConfig
 
-from ..model import MegaMoEConfig
+from ..model import MegaMoEConfig, MegaMoEForMultiTask
+from ..model.modeling_megamoe import MegaMoESequenceHead
 
 _BERT_FAMILY = ("bert",)
 
@@ -130,3 +131,36 @@ def upcycle_bert_state_dict(
         if config.task_aware_routing:
             out[f"{ours}.mlp.router.task_logit_bias"] = torch.zeros(len(config.tasks), config.num_experts)
     return out
+
+
+def upcycle_pretrained(
+    source: str,
+    *,
+    tasks: dict[str, dict[str, Any]],
+    expert_noise_std: float = 0.0,
+    seed: int = 0,
+    **architecture: Any,
+) -> MegaMoEForMultiTask:
+    """Upcycle a dense BERT-family checkpoint (local directory or Hub id) into a multi-task MegaMoE.
+
+    The backbone comes from `upcycle_bert_state_dict`; each sequence head's dense layer starts from the
+    checkpoint's pooler when it has one (what `BertForSequenceClassification` does), the output layers
+    start from the usual random init.
+    """
+    dense = AutoModel.from_pretrained(source)
+    config = config_from_bert(dense.config, tasks=tasks, **architecture)
+    generator = torch.Generator().manual_seed(seed)
+    dense_state = dense.state_dict()
+    backbone = upcycle_bert_state_dict(
+        dense_state, config, expert_noise_std=expert_noise_std, generator=generator
+    )
+    torch.manual_seed(seed)
+    model = MegaMoEForMultiTask(config)
+    model.model.load_state_dict(backbone, strict=True)
+    if "pooler.dense.weight" in dense_state:
+        with torch.no_grad():
+            for head in model.heads.values():
+                if isinstance(head, MegaMoESequenceHead):
+                    head.dense.weight.copy_(dense_state["pooler.dense.weight"])
+                    head.dense.bias.copy_(dense_state["pooler.dense.bias"])
+    return model

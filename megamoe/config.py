@@ -1,0 +1,274 @@
+"""The run configuration: typed dataclasses, loaded strictly from YAML with dotted overrides.
+
+Architecture lives in `MegaMoEConfig` (it travels to the Hub); everything about one run (tasks and their
+data, the optimizer, parallelism) lives here and never leaves the run directory. YAML is a strict
+serialization of these classes: an unknown key fails with its dotted path and the allowed keys, a wrong
+type fails with the field's path, and ``__post_init__`` checks values with a `ValueError` naming the field.
+"""
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from .model.configuration_megamoe import TASK_TYPES
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A run config that cannot be used, with the dotted path of the offending field."""
+
+
+@dataclass
+class TaskConfig:
+    """One task: its head, where its data comes from, and its weight in the joint loss."""
+
+    type: str
+    """`sequence_classification`, `token_classification` or `sequence_regression`."""
+    source: str
+    """`builtin:<name>` (offline datasets), a local file / directory, or a Hub dataset name."""
+    labels: list[str] | None = None
+    """Label names in id order; `None` = inferred (sorted) from the training split."""
+    weight: float = 1.0
+    """Static loss weight alpha_t (the starting weight for adaptive strategies)."""
+    text_column: str = "text"
+    """Input text column (sequence tasks)."""
+    label_column: str = "label"
+    """Label column (sequence tasks)."""
+    tokens_column: str = "tokens"
+    """Word list column (token tasks)."""
+    tags_column: str = "tags"
+    """Per-word tag column (token tasks)."""
+    max_train_examples: int | None = None
+    """Use only the first n training examples (quick runs); `None` = all."""
+
+    def __post_init__(self) -> None:
+        _check(self.type in TASK_TYPES, "type", f"{self.type!r} is not one of {list(TASK_TYPES)}")
+        _check(self.weight >= 0, "weight", f"must be >= 0, got {self.weight}")
+        _check(
+            self.max_train_examples is None or self.max_train_examples > 0,
+            "max_train_examples",
+            f"must be > 0, got {self.max_train_examples}",
+        )
+
+
+@dataclass
+class ModelSection:
+    """Which network to train."""
+
+    init: str = "upcycle"
+    """`upcycle` (a dense BERT-family checkpoint turned into MoE), `pretrained` (a MegaMoE checkpoint),
+    or `scratch` (random init from `architecture`)."""
+    base: str | None = None
+    """Dense checkpoint (upcycle) or MegaMoE checkpoint (pretrained): local directory or Hub id."""
+    tokenizer: str | None = None
+    """Tokenizer directory or Hub id; defaults to `base`."""
+    architecture: dict[str, Any] = field(default_factory=dict)
+    """`MegaMoEConfig` keyword arguments (num_experts, num_experts_per_tok, moe_layer_freq, ...)."""
+    expert_noise_std: float = 0.0
+    """Upcycling: relative noise on each expert copy (0 keeps the dense model's outputs exactly)."""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.init in ("upcycle", "pretrained", "scratch"),
+            "init",
+            f"{self.init!r} is not one of upcycle, pretrained, scratch",
+        )
+        _check(
+            self.init == "scratch" or self.base is not None,
+            "base",
+            f"init={self.init!r} needs a base checkpoint",
+        )
+        _check(
+            self.init != "scratch" or self.tokenizer is not None,
+            "tokenizer",
+            "init='scratch' needs a tokenizer",
+        )
+        _check(self.expert_noise_std >= 0, "expert_noise_std", f"must be >= 0, got {self.expert_noise_std}")
+
+
+@dataclass
+class DataSection:
+    """Tokenization and how steps are shared between tasks."""
+
+    max_length: int = 128
+    """Sub-tokens per example after truncation."""
+    sampling: str = "temperature"
+    """Task schedule: `proportional`, `temperature` (p ~ n^(1/T)) or `round_robin`."""
+    temperature: float = 2.0
+    """T of temperature sampling."""
+    label_all_subtokens: bool = False
+    """NER: label every sub-token of a word (B- continuations become I-), not only the first."""
+    cache_dir: str | None = None
+    """Where builtin datasets are prepared; default `$MEGAMOE_CACHE` or `~/.cache/megamoe`."""
+
+    def __post_init__(self) -> None:
+        _check(self.max_length >= 8, "max_length", f"must be >= 8, got {self.max_length}")
+        _check(
+            self.sampling in ("proportional", "temperature", "round_robin"),
+            "sampling",
+            f"{self.sampling!r} is not one of proportional, temperature, round_robin",
+        )
+        _check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
+
+
+@dataclass
+class TrainSection:
+    """Optimization."""
+
+    max_steps: int = 1000
+    """Optimizer steps."""
+    micro_batch_size: int = 16
+    """Examples per rank per forward."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 1e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    warmup_ratio: float = 0.1
+    """Fraction of steps with linear warmup; then linear decay to 0."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping (0 = off)."""
+    precision: str = "fp32"
+    """`fp32`, `bf16` or `fp16`."""
+    seed: int = 0
+    """Seeds the model init, the task schedule and the data order."""
+    loss_weighting: str = "static"
+    """`static`, `uncertainty` or `dwa`."""
+    eval_every: int = 0
+    """Evaluate on validation every n steps (0 = only at the end)."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "micro_batch_size", "gradient_accumulation_steps"):
+            _check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        _check(0 <= self.warmup_ratio < 1, "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        _check(
+            self.precision in ("fp32", "bf16", "fp16"),
+            "precision",
+            f"{self.precision!r} is not one of fp32, bf16, fp16",
+        )
+        _check(
+            self.loss_weighting in ("static", "uncertainty", "dwa"),
+            "loss_weighting",
+            f"{self.loss_weighting!r} is not one of static, uncertainty, dwa",
+        )
+
+
+@dataclass
+class ExperimentConfig:
+    """A whole run: `megamoe train CONFIG.yaml [dotted.overrides ...]` reads one of these."""
+
+    tasks: dict[str, TaskConfig]
+    """Task name -> task."""
+    model: ModelSection
+    """The network (required: there is no sensible default checkpoint)."""
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    run_dir: str = "runs/megamoe"
+    """Where the DeepSpeed config, checkpoints, logs and metrics.json go."""
+
+    def __post_init__(self) -> None:
+        _check(len(self.tasks) > 0, "tasks", "declare at least one task")
+
+
+def _check(condition: bool, field_name: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{field_name}: {message}")
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Read a YAML run config, apply ``key.sub=value`` overrides (values parsed as YAML), validate."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for override in overrides:
+        apply_override(raw, override)
+    try:
+        return from_dict(ExperimentConfig, raw)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Set ``a.b.c=value`` in a nested dict (creating sections as needed)."""
+    key, sep, value = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r} is not of the form section.key=value")
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {part!r} is not a section")
+    node[leaf] = yaml.safe_load(value)
+
+
+def from_dict(cls: type[T], data: Any, path: str = "") -> T:
+    """Build dataclass ``cls`` from plain data, checking keys and types; errors carry the dotted path."""
+    where = path or "config"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; allowed keys: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {
+        name: _convert(hints[name], value, f"{path}.{name}" if path else name) for name, value in data.items()
+    }
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        raise ConfigError(f"{path}.{err}" if path else str(err)) from None
+    except TypeError as err:  # a required field is missing
+        missing = [
+            n
+            for n, f in fields.items()
+            if n not in data and f.default is f.default_factory is dataclasses.MISSING
+        ]
+        raise ConfigError(f"{where}: missing required key(s) {missing}") from err
+
+
+def _convert(annotation: Any, value: Any, path: str) -> Any:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if isinstance(annotation, types.UnionType) or origin is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, path)
+    if dataclasses.is_dataclass(annotation):
+        return from_dict(annotation, value, path)  # type: ignore[arg-type]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
+        return {k: _convert(args[1], v, f"{path}.{k}") for k, v in value.items()}
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
+        return [_convert(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is float and isinstance(value, str):
+        # YAML 1.1 reads 3e-4 (no dot) as a string; accept what a person means.
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, annotation) or (isinstance(value, bool) and annotation is not bool):
+        raise ConfigError(f"{path}: expected {annotation.__name__}, got {type(value).__name__} {value!r}")
+    return value
