@@ -21,7 +21,7 @@ forward+backward. Memory: on CUDA the peak allocated bytes during forward+backwa
 on CPU the activation memory, i.e. the bytes of the distinct storages saved for backward (seen with
 ``torch.autograd.graph.saved_tensors_hooks``), leaving out the parameters and the layer input.
 
-Run (2 CPU cores, the numbers in docs/benchmarks.md):
+Run (the numbers in docs/benchmarks.md; about 10 minutes on 2 CPU cores with the default 2 + 20 rounds):
 
     python bench/moe_layer.py --threads 2 --json bench/results/moe_layer_cpu.json --plot docs/img/moe_layer_cpu.png
 """

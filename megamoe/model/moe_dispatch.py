@@ -87,5 +87,8 @@ def permute(x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
 
 def unpermute(y_ND: torch.Tensor, plan: DispatchPlan, num_tokens: int) -> torch.Tensor:
     """Weight each expert output row and sum it back into its token: ``y_TD`` (zeros where nothing was routed)."""
-    y_TD = y_ND.new_zeros(num_tokens, y_ND.shape[-1])
-    return y_TD.index_add(0, plan.token_idx_N, y_ND * plan.weights_N[:, None])
+    weighted_ND = y_ND * plan.weights_N[:, None]
+    # scatter_add, not index_add: index_add's backward keeps its whole [N, D] source alive (expand_as),
+    # scatter_add's keeps only the index, an expanded view that costs no memory.
+    index_ND = plan.token_idx_N[:, None].expand_as(weighted_ND)
+    return weighted_ND.new_zeros(num_tokens, y_ND.shape[-1]).scatter_add(0, index_ND, weighted_ND)

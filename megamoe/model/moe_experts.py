@@ -39,11 +39,51 @@ def grouped_linear(
         offsets_E = torch.cumsum(tokens_per_expert_E, dim=0, dtype=torch.int32)
         y_NO = F.grouped_mm(x_NI, weight_EOI.transpose(-2, -1), offs=offsets_E)
     else:
+        # unbind, not weight[e]: each indexing op's backward would allocate a zero gradient of the whole stack.
         chunks = x_NI.split(tokens_per_expert_E.tolist())
-        y_NO = torch.cat([F.linear(chunk, weight_EOI[e]) for e, chunk in enumerate(chunks)])
+        y_NO = torch.cat([F.linear(chunk, w) for chunk, w in zip(chunks, weight_EOI.unbind(0), strict=True)])
     if bias_EO is not None:
         y_NO = y_NO + bias_EO.repeat_interleave(tokens_per_expert_E, dim=0, output_size=x_NI.shape[0])
     return y_NO
+
+
+class _GatedActivation(torch.autograd.Function):
+    """``act(gate) * up`` over a fused ``[N, 2F]`` projection, saving only that projection for backward.
+
+    Autograd's own graph would keep ``act(gate)`` too and rebuild the ``[N, 2F]`` gradient with a ``cat``
+    of two halves; here the two halves of the gradient are written in place. silu (SwiGLU) and gelu have
+    closed-form backward kernels; other activations are recomputed under autograd.
+    """
+
+    @staticmethod
+    def forward(ctx, h_N2F: torch.Tensor, act_fn: nn.Module, act_name: str) -> torch.Tensor:
+        gate_NF, up_NF = h_N2F.chunk(2, dim=-1)
+        ctx.save_for_backward(h_N2F)
+        ctx.act_fn, ctx.act_name = act_fn, act_name
+        return act_fn(gate_NF) * up_NF
+
+    @staticmethod
+    def backward(ctx, grad_NF: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (h_N2F,) = ctx.saved_tensors
+        gate_NF, up_NF = h_N2F.chunk(2, dim=-1)
+        grad_h_N2F = torch.empty_like(h_N2F)
+        grad_gate_NF, grad_up_NF = grad_h_N2F.chunk(2, dim=-1)
+        grad_act_NF = grad_NF * up_NF
+        if ctx.act_name == "silu":
+            grad_gate_NF.copy_(torch.ops.aten.silu_backward(grad_act_NF, gate_NF))
+            torch.mul(grad_NF, F.silu(gate_NF), out=grad_up_NF)
+        elif ctx.act_name in ("gelu", "gelu_pytorch_tanh"):
+            approximate = "none" if ctx.act_name == "gelu" else "tanh"
+            grad_gate_NF.copy_(torch.ops.aten.gelu_backward(grad_act_NF, gate_NF, approximate=approximate))
+            torch.mul(grad_NF, F.gelu(gate_NF, approximate=approximate), out=grad_up_NF)
+        else:
+            with torch.enable_grad():
+                gate = gate_NF.detach().requires_grad_()
+                act_NF = ctx.act_fn(gate)
+            (grad_gate,) = torch.autograd.grad(act_NF, gate, grad_act_NF)
+            grad_gate_NF.copy_(grad_gate)
+            torch.mul(grad_NF, act_NF.detach(), out=grad_up_NF)
+        return grad_h_N2F, None, None
 
 
 class FeedForward(nn.Module):
@@ -99,6 +139,7 @@ class GroupedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
         self.down_proj_bias = nn.Parameter(torch.zeros(num_experts, hidden_size)) if bias else None
         self.act_fn = ACT2FN[hidden_act]
+        self.hidden_act = hidden_act
 
     @property
     def up_weight(self) -> nn.Parameter:
@@ -111,8 +152,7 @@ class GroupedExperts(nn.Module):
     def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         h_NF = grouped_linear(x_ND, self.up_weight, tokens_per_expert_E, self.up_bias)
         if self.is_glu:
-            gate_NF, up_NF = h_NF.chunk(2, dim=-1)
-            h_NF = self.act_fn(gate_NF) * up_NF
+            h_NF = _GatedActivation.apply(h_NF, self.act_fn, self.hidden_act)
         else:
             h_NF = self.act_fn(h_NF)
         return grouped_linear(h_NF, self.down_proj, tokens_per_expert_E, self.down_proj_bias)
