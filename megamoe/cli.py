@@ -41,6 +41,39 @@ def describe(args: argparse.Namespace) -> int:
     return 0
 
 
+def train(args: argparse.Namespace) -> int:
+    """Train a multi-task MegaMoE from a YAML run config (under the deepspeed launcher or as one process)."""
+    from .config import ConfigError, load_config
+    from .train import run
+
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    result = run(config)
+    print(f"run directory: {result.run_dir}")
+    return 0
+
+
+def data_prepare(args: argparse.Namespace) -> int:
+    """Download, parse and split the builtin offline datasets into the cache (idempotent)."""
+    from .data.builtin import BUILTIN_DATASETS, load_builtin, prepare_builtin
+
+    unknown = sorted(set(args.names) - set(BUILTIN_DATASETS))
+    if unknown:
+        print(
+            f"error: unknown builtin dataset(s) {unknown}; builtin datasets: {sorted(BUILTIN_DATASETS)}",
+            file=sys.stderr,
+        )
+        return 2
+    paths = prepare_builtin(args.names or None, cache_dir=args.cache_dir, force=args.force)
+    for name, path in paths.items():
+        sizes = {split: len(ds) for split, ds in load_builtin(name, args.cache_dir).items()}
+        print(f"{name:16s} {sizes}  {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megamoe",
@@ -55,6 +88,27 @@ def build_parser() -> argparse.ArgumentParser:
         "model", help="a model directory, a config.json's directory, or a Hub repo id"
     )
     describe_parser.set_defaults(handler=describe)
+
+    train_parser = commands.add_parser(
+        "train", help="train from a YAML run config", description=train.__doc__
+    )
+    train_parser.add_argument("config", help="the run config (YAML)")
+    train_parser.add_argument(
+        "overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 data.max_length=64"
+    )
+    train_parser.set_defaults(handler=train)
+
+    data_parser = commands.add_parser(
+        "data", help="builtin datasets", description="Work with the builtin datasets."
+    )
+    data_commands = data_parser.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+    prepare_parser = data_commands.add_parser(
+        "prepare", help=data_prepare.__doc__, description=data_prepare.__doc__
+    )
+    prepare_parser.add_argument("names", nargs="*", help="datasets to prepare (default: all)")
+    prepare_parser.add_argument("--cache-dir", help="default: $MEGAMOE_CACHE or ~/.cache/megamoe")
+    prepare_parser.add_argument("--force", action="store_true", help="rebuild even when prepared")
+    prepare_parser.set_defaults(handler=data_prepare)
     return parser
 
 

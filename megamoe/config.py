@@ -35,7 +35,7 @@ class TaskConfig:
     labels: list[str] | None = None
     """Label names in id order; `None` = inferred (sorted) from the training split."""
     weight: float = 1.0
-    """Static loss weight alpha_t (the starting weight for adaptive strategies)."""
+    """Static loss weight alpha_t (used by `loss_weighting: static`)."""
     text_column: str = "text"
     """Input text column (sequence tasks)."""
     label_column: str = "label"
@@ -46,15 +46,15 @@ class TaskConfig:
     """Per-word tag column (token tasks)."""
     max_train_examples: int | None = None
     """Use only the first n training examples (quick runs); `None` = all."""
+    max_eval_examples: int | None = None
+    """Evaluate on only the first n validation / test examples (quick runs); `None` = all."""
 
     def __post_init__(self) -> None:
         _check(self.type in TASK_TYPES, "type", f"{self.type!r} is not one of {list(TASK_TYPES)}")
         _check(self.weight >= 0, "weight", f"must be >= 0, got {self.weight}")
-        _check(
-            self.max_train_examples is None or self.max_train_examples > 0,
-            "max_train_examples",
-            f"must be > 0, got {self.max_train_examples}",
-        )
+        for name in ("max_train_examples", "max_eval_examples"):
+            value = getattr(self, name)
+            _check(value is None or value > 0, name, f"must be > 0, got {value}")
 
 
 @dataclass

@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 from functools import partial
 
-from datasets import Dataset, DatasetDict
+from datasets import DatasetDict
 from transformers import PreTrainedTokenizerBase
 
 from ..config import ExperimentConfig, TaskConfig
@@ -26,13 +26,16 @@ class TaskData:
         return {"type": self.type} if self.labels is None else {"type": self.type, "labels": self.labels}
 
 
-def infer_labels(train: Dataset, task: TaskConfig) -> list[str]:
-    """Sorted label names seen in the training split (tags of every sentence for token tasks)."""
+def infer_labels(splits: DatasetDict, task: TaskConfig) -> list[str]:
+    """The label set of a task declared without one: every label seen in any split (the set is metadata,
+    not training signal, and a label only the test split has would otherwise fail evaluation).
+
+    Token tasks get the full IOB2 set: O first, then B-/I- for every entity type seen, grouped by type.
+    """
     if task.type == "token_classification":
-        seen = {tag for tags in train["tags"] for tag in tags}
-        # IOB2 convention: O first, then the entity tags grouped by type (B- before I-).
-        return sorted(seen, key=lambda tag: (tag != "O", tag[2:], tag[:2]))
-    return sorted(set(train["label"]), key=str)
+        types = {tag[2:] for ds in splits.values() for tags in ds["tags"] for tag in tags if tag != "O"}
+        return ["O"] + [f"{prefix}-{entity}" for entity in sorted(types) for prefix in ("B", "I")]
+    return sorted({label for ds in splits.values() for label in ds["label"]}, key=str)
 
 
 def prepare_task_data(config: ExperimentConfig, tokenizer: PreTrainedTokenizerBase) -> dict[str, TaskData]:
@@ -49,11 +52,15 @@ def prepare_task_data(config: ExperimentConfig, tokenizer: PreTrainedTokenizerBa
             tags_column=task.tags_column,
             cache_dir=config.data.cache_dir,
         )
-        if task.max_train_examples is not None:
-            raw["train"] = raw["train"].select(range(min(task.max_train_examples, len(raw["train"]))))
-        labels = (
-            None if task.type == "sequence_regression" else task.labels or infer_labels(raw["train"], task)
-        )
+        labels = None if task.type == "sequence_regression" else task.labels or infer_labels(raw, task)
+        limits = {
+            "train": task.max_train_examples,
+            "validation": task.max_eval_examples,
+            "test": task.max_eval_examples,
+        }
+        for split, limit in limits.items():
+            if limit is not None:
+                raw[split] = raw[split].select(range(min(limit, len(raw[split]))))
         tokenized = DatasetDict()
         for split, dataset in raw.items():
             where = f"task {name!r}, split {split!r}"

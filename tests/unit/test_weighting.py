@@ -1,0 +1,72 @@
+"""Loss weighting strategies on known losses."""
+
+import math
+
+import pytest
+import torch
+
+from megamoe.tasks.weighting import (
+    DynamicWeightAverage,
+    StaticWeighting,
+    UncertaintyWeighting,
+    build_weighting,
+)
+
+TASKS = ["topic", "ner"]
+
+
+def test_static_divides_by_the_number_of_tasks():
+    weighting = StaticWeighting(TASKS, {"ner": 2.0})
+    assert weighting("ner", torch.tensor(3.0)).item() == pytest.approx(2.0 * 3.0 / 2)
+    assert weighting.current_weights() == {"ner": 1.0, "topic": 0.5}
+
+
+def test_uncertainty_loss_and_gradient_match_the_closed_form():
+    weighting = UncertaintyWeighting(TASKS)
+    with torch.no_grad():
+        weighting.log_variances[weighting.index("ner")] = 0.7
+    loss = weighting("ner", torch.tensor(2.0))
+    assert loss.item() == pytest.approx(2.0 / (2 * math.exp(0.7)) + 0.35)
+    loss.backward()
+    # d/ds [L e^{-s} / 2 + s / 2] = -L e^{-s} / 2 + 1/2
+    assert weighting.log_variances.grad[weighting.index("ner")].item() == pytest.approx(
+        -2.0 * math.exp(-0.7) / 2 + 0.5, abs=1e-6
+    )
+    assert weighting.current_weights()["ner"] == pytest.approx(0.5 * math.exp(-0.7))
+
+
+def test_dwa_weights_after_two_windows():
+    weighting = DynamicWeightAverage(TASKS, window_steps=2, temperature=2.0)
+    weighting.train()
+    # window 1: topic 2.0, ner 1.0; window 2: topic 1.0, ner 1.0
+    for task, loss in [("topic", 2.0), ("ner", 1.0)]:
+        weighting(task, torch.tensor(loss))
+    assert weighting.current_weights() == {"ner": 1.0, "topic": 1.0}, (
+        "weights are 1 until two windows are done"
+    )
+    for task, loss in [("topic", 1.0), ("ner", 1.0)]:
+        weighting(task, torch.tensor(loss))
+    # r_topic = 1/2, r_ner = 1/1 -> w = 2 * softmax([0.5, 1] / 2) over (ner, topic) sorted
+    e_ner, e_topic = math.exp(1.0 / 2), math.exp(0.5 / 2)
+    weights = weighting.current_weights()
+    assert weights["ner"] == pytest.approx(2 * e_ner / (e_ner + e_topic), rel=1e-6)
+    assert weights["topic"] == pytest.approx(2 * e_topic / (e_ner + e_topic), rel=1e-6)
+    assert weighting("topic", torch.tensor(1.0)).item() == pytest.approx(weights["topic"] / 2, rel=1e-6)
+
+
+def test_dwa_state_round_trips():
+    weighting = DynamicWeightAverage(TASKS, window_steps=2)
+    weighting.train()
+    for task, loss in [("topic", 2.0), ("ner", 1.0), ("topic", 1.0), ("ner", 3.0), ("topic", 5.0)]:
+        weighting(task, torch.tensor(loss))
+    restored = DynamicWeightAverage(TASKS, window_steps=2)
+    restored.load_state_dict(weighting.state_dict())
+    assert restored.current_weights() == weighting.current_weights()
+    assert torch.equal(restored.window_sums, weighting.window_sums)
+
+
+def test_unknown_strategy():
+    with pytest.raises(
+        ValueError, match=r"unknown loss weighting 'gradnorm'; strategies: \['static', 'uncertainty', 'dwa'\]"
+    ):
+        build_weighting("gradnorm", TASKS)
