@@ -319,17 +319,19 @@ class MegaMoEModel(MegaMoEPreTrainedModel):
         )
 
 
+def classifier_dropout(config: MegaMoEConfig) -> float:
+    """Dropout of the task heads: ``classifier_dropout``, or the hidden dropout when it is unset (BERT)."""
+    return config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+
+
 class MegaMoESequenceHead(nn.Module):
     """Pool, then dense + tanh + projection to C outputs (BERT's pooler + classifier)."""
 
     def __init__(self, config: MegaMoEConfig, num_outputs: int):
         super().__init__()
         self.pooling = config.classifier_pooling
-        dropout = (
-            config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
-        )
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(classifier_dropout(config))
         self.out_proj = nn.Linear(config.hidden_size, num_outputs)
 
     def forward(self, hidden_BSD: torch.Tensor, token_mask_BS: torch.Tensor) -> torch.Tensor:
@@ -347,10 +349,7 @@ class MegaMoETokenHead(nn.Module):
 
     def __init__(self, config: MegaMoEConfig, num_outputs: int):
         super().__init__()
-        dropout = (
-            config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
-        )
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(classifier_dropout(config))
         self.out_proj = nn.Linear(config.hidden_size, num_outputs)
 
     def forward(self, hidden_BSD: torch.Tensor, token_mask_BS: torch.Tensor) -> torch.Tensor:
