@@ -33,7 +33,6 @@ TRAIN_SIZES = {
     "sentiment": 10722,
     "ner": 1836,
 }  # builtin train splits (see megamoe.data.builtin)
-HEADLINE = {"sequence_classification": "accuracy", "token_classification": "f1"}
 
 
 def experiment(tasks: list[str], steps: int, args: argparse.Namespace, run_dir: Path) -> ExperimentConfig:
@@ -105,9 +104,10 @@ def main() -> None:
         "seconds": time.perf_counter() - start,
     }
 
+    multi_config = experiment(list(TASKS), total_steps, args, out / "multi_task")
     print(f"\n{'task':10s} {'metric':9s} {'single':>8s} {'multi':>8s} {'delta':>8s}  steps single / multi")
-    for task, spec in TASKS.items():
-        metric = HEADLINE[spec["type"]]
+    for task in TASKS:
+        metric = multi_config.tasks[task].metric
         single_value = results["single_task"][task]["test"][metric]
         multi_value = results["multi_task"]["test"][task][metric]
         print(

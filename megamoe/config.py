@@ -20,6 +20,14 @@ from .model.configuration_megamoe import TASK_TYPES
 T = TypeVar("T")
 
 
+HEADLINE_METRICS = {
+    "sequence_classification": ("accuracy", "macro_f1"),
+    "token_classification": ("f1", "precision", "recall"),
+    "sequence_regression": ("mae", "pearson"),
+}
+"""Metrics a task can be judged by, the first being the default."""
+
+
 class ConfigError(ValueError):
     """A run config that cannot be used, with the dotted path of the offending field."""
 
@@ -36,6 +44,8 @@ class TaskConfig:
     """Label names in id order; `None` = inferred (sorted) from the training split."""
     weight: float = 1.0
     """Static loss weight alpha_t (used by `loss_weighting: static`)."""
+    metric: str | None = None
+    """The metric the task is judged by (summaries, benchmarks); default: accuracy / entity F1 / MAE by type."""
     text_column: str = "text"
     """Input text column (sequence tasks)."""
     label_column: str = "label"
@@ -51,6 +61,14 @@ class TaskConfig:
 
     def __post_init__(self) -> None:
         _check(self.type in TASK_TYPES, "type", f"{self.type!r} is not one of {list(TASK_TYPES)}")
+        allowed = HEADLINE_METRICS[self.type]
+        if self.metric is None:
+            self.metric = allowed[0]
+        _check(
+            self.metric in allowed,
+            "metric",
+            f"{self.metric!r} is not one of {list(allowed)} for a {self.type} task",
+        )
         _check(self.weight >= 0, "weight", f"must be >= 0, got {self.weight}")
         for name in ("max_train_examples", "max_eval_examples"):
             value = getattr(self, name)

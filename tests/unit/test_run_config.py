@@ -32,6 +32,7 @@ def test_loads_typed_sections(tmp_path):
     assert config.tasks["ner"].weight == 2.0 and isinstance(config.tasks["ner"].weight, float)
     assert config.model.architecture == {"num_experts": 8, "num_experts_per_tok": 2}
     assert (config.train.max_steps, config.train.lr, config.data.max_length) == (50, 3e-4, 128)
+    assert (config.tasks["topic"].metric, config.tasks["ner"].metric) == ("accuracy", "f1")
 
 
 def test_dotted_overrides(tmp_path):
@@ -71,6 +72,10 @@ def test_dotted_overrides(tmp_path):
         (["model.init=scratch"], "model.tokenizer: init='scratch' needs a tokenizer"),
         (["tasks.topic={type: token_classification}"], "tasks.topic: missing required key(s) ['source']"),
         (["train.precision=fp8"], "train.precision: 'fp8' is not one of fp32, bf16, fp16"),
+        (
+            ["tasks.ner.metric=accuracy"],
+            "tasks.ner.metric: 'accuracy' is not one of ['f1', 'precision', 'recall']",
+        ),
         (["train"], "override 'train' is not of the form section.key=value"),
     ],
 )
