@@ -26,3 +26,12 @@ def test_help_exits_cleanly(capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     assert "describe" in capsys.readouterr().out
+
+
+def test_data_prepare_prints_split_sizes(tmp_path, capsys):
+    assert main(["data", "prepare", "wnut16", "--cache-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "wnut16" in out and "'train': 1836, 'validation': 229, 'test': 230" in out
+    assert (tmp_path / "builtin" / "wnut16" / "manifest.json").exists()
+    assert main(["data", "prepare", "imdb", "--cache-dir", str(tmp_path)]) == 2
+    assert "unknown builtin dataset(s) ['imdb']" in capsys.readouterr().err
