@@ -75,6 +75,8 @@ class ShardedExampleOrder:
         self.task_index = task_index
         self.epoch = 0
         self.position = 0  # global batches already taken in this epoch
+        self._order_epoch = -1
+        self._order = np.empty(0, dtype=np.int64)
 
     @property
     def batches_per_epoch(self) -> int:
@@ -83,10 +85,19 @@ class ShardedExampleOrder:
     def next_indices(self) -> list[int]:
         if self.position == self.batches_per_epoch:
             self.epoch, self.position = self.epoch + 1, 0
-        order = np.random.default_rng([self.seed, self.task_index, self.epoch]).permutation(self.num_examples)
+        order = self._epoch_order(self.epoch)
         start = self.position * self.global_batch + self.rank * self.micro_batch_size
         self.position += 1
         return order[start : start + self.micro_batch_size].tolist()
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        """The epoch's permutation, drawn once and reused by all of that epoch's batches."""
+        if self._order_epoch != epoch:
+            self._order = np.random.default_rng([self.seed, self.task_index, epoch]).permutation(
+                self.num_examples
+            )
+            self._order_epoch = epoch
+        return self._order
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position}

@@ -89,20 +89,12 @@ class Engine:
         )
 
     @property
-    def module(self) -> nn.Module:
-        return self.engine.module
-
-    @property
     def device(self) -> torch.device:
         return self.engine.device
 
     @property
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
-
-    @property
-    def global_steps(self) -> int:
-        return self.engine.global_steps
 
     def train_step(self, batch: dict[str, Any]) -> Any:
         """Forward + backward of one micro-batch; the optimizer steps at accumulation boundaries."""
