@@ -43,16 +43,33 @@ def describe(args: argparse.Namespace) -> int:
 
 def train(args: argparse.Namespace) -> int:
     """Train a multi-task MegaMoE from a YAML run config (under the deepspeed launcher or as one process)."""
+    from .checkpoint.resume import CheckpointError
     from .config import ConfigError, load_config
+    from .engine.deepspeed_engine import TopologyError
     from .train import run
 
     try:
         config = load_config(args.config, args.overrides)
-    except ConfigError as err:
+        resume = config.run_dir if args.resume is True else args.resume
+        result = run(config, resume=resume)
+    except (ConfigError, TopologyError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    result = run(config)
     print(f"run directory: {result.run_dir}")
+    return 0
+
+
+def export(args: argparse.Namespace) -> int:
+    """Gather a DeepSpeed checkpoint's shards (every EP rank's experts) into one HF model directory."""
+    from .checkpoint.export import export_checkpoint
+    from .checkpoint.resume import CheckpointError
+
+    try:
+        out = export_checkpoint(args.checkpoint, args.out_dir)
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"exported to {out} (load with AutoModel.from_pretrained(..., trust_remote_code=True))")
     return 0
 
 
@@ -80,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train sparse Mixture-of-Experts transformers on several NLP tasks at once.",
     )
     parser.add_argument("--version", action="version", version=f"megamoe {__version__}")
+    # `deepspeed --module megamoe ...` inserts --local_rank=N before the command; ranks come from the environment.
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     describe_parser = commands.add_parser(
         "describe", help="architecture and total / active parameters of a model", description=describe.__doc__
@@ -96,7 +115,26 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser.add_argument(
         "overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 data.max_length=64"
     )
+    train_parser.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="PATH",
+        help="continue from the latest checkpoint of the run directory, or from PATH (a run directory, "
+        "its checkpoints/ or a step_<n> directory); a missing checkpoint is an error",
+    )
     train_parser.set_defaults(handler=train)
+
+    export_parser = commands.add_parser(
+        "export", help="checkpoint -> HF model directory (experts gathered)", description=export.__doc__
+    )
+    export_parser.add_argument(
+        "checkpoint",
+        help="a run directory (its latest checkpoint), its checkpoints/, or a step_<n> directory",
+    )
+    export_parser.add_argument("out_dir", help="the HF model directory to write")
+    export_parser.set_defaults(handler=export)
 
     data_parser = commands.add_parser(
         "data", help="builtin datasets", description="Work with the builtin datasets."

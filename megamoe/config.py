@@ -145,6 +145,8 @@ class TrainSection:
     """Examples per rank per forward."""
     gradient_accumulation_steps: int = 1
     """Micro-batches per optimizer step."""
+    global_batch_size: int | None = None
+    """Examples per optimizer step over all ranks; when set, must equal micro-batch x grad-accum x ranks."""
     lr: float = 1e-4
     """Peak learning rate."""
     weight_decay: float = 0.01
@@ -180,6 +182,73 @@ class TrainSection:
 
 
 @dataclass
+class ParallelSection:
+    """How the model is spread over ranks (world size comes from the launcher)."""
+
+    expert_parallel_size: int = 1
+    """Ranks that share one copy of the experts (each holds num_experts / this many); 1 = no EP."""
+    zero_stage: int = 2
+    """ZeRO stage over the non-expert parameters (expert ones over the expert-data-parallel group)."""
+    offload_optimizer: bool = False
+    """ZeRO-Offload: keep optimizer states (and the fp32 master weights) in CPU memory."""
+    timeout_minutes: float = 30.0
+    """A collective that waits longer than this fails (naming the rank) instead of hanging."""
+    deepspeed_config: str | None = None
+    """Your own DeepSpeed JSON, merged over the generated one: its other sections (optimizer, scheduler,
+    communication, activation checkpointing, ...) win; batch sizes, ZeRO stage, precision and clipping must
+    agree with this run config."""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.expert_parallel_size >= 1,
+            "expert_parallel_size",
+            f"must be >= 1, got {self.expert_parallel_size}",
+        )
+        _check(self.zero_stage in (0, 1, 2, 3), "zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
+        _check(
+            not (self.offload_optimizer and self.zero_stage == 0),
+            "offload_optimizer",
+            "ZeRO-Offload needs zero_stage >= 1",
+        )
+        _check(
+            not (self.zero_stage == 3 and self.expert_parallel_size > 1),
+            "zero_stage",
+            "ZeRO-3 with expert_parallel_size > 1 is not available for MegaMoE experts: DeepSpeed partitions "
+            "expert parameters under ZeRO-3 only for AutoEP layers, whose own router and SwiGLU-without-bias "
+            "experts would replace MegaMoE's (padding-masked losses, task-aware routing, BERT-style experts). "
+            "Use zero_stage 1 or 2 with expert parallelism, or expert_parallel_size: 1 with ZeRO-3",
+        )
+        _check(self.timeout_minutes > 0, "timeout_minutes", f"must be > 0, got {self.timeout_minutes}")
+
+
+@dataclass
+class CheckpointSection:
+    """DeepSpeed checkpoints for resuming (`megamoe export` turns one into an HF model)."""
+
+    every_steps: int = 0
+    """Save every n optimizer steps (0 = only at the end)."""
+    keep_last: int = 2
+    """How many checkpoints to keep (older ones are deleted after a newer one is complete)."""
+
+    def __post_init__(self) -> None:
+        _check(self.every_steps >= 0, "every_steps", f"must be >= 0, got {self.every_steps}")
+        _check(self.keep_last >= 1, "keep_last", f"must be >= 1, got {self.keep_last}")
+
+
+@dataclass
+class LoggingSection:
+    """What a run reports while it trains."""
+
+    every_steps: int = 10
+    """Write scalars (losses, task weights, expert load, tokens/s) every n optimizer steps."""
+    tensorboard: bool = True
+    """Also write them to TensorBoard event files in <run_dir>/tensorboard."""
+
+    def __post_init__(self) -> None:
+        _check(self.every_steps >= 1, "every_steps", f"must be >= 1, got {self.every_steps}")
+
+
+@dataclass
 class ExperimentConfig:
     """A whole run: `megamoe train CONFIG.yaml [dotted.overrides ...]` reads one of these."""
 
@@ -189,6 +258,9 @@ class ExperimentConfig:
     """The network (required: there is no sensible default checkpoint)."""
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
     run_dir: str = "runs/megamoe"
     """Where the DeepSpeed config, checkpoints, logs and metrics.json go."""
 

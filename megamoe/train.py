@@ -13,11 +13,20 @@ import torch.distributed as dist
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .checkpoint import upcycle_pretrained
+from .checkpoint.export import export_checkpoint
+from .checkpoint.resume import Checkpointer, Topology, resolve_checkpoint, tag_for
 from .config import ExperimentConfig
 from .data.collate import MultiTaskCollator
 from .data.pipeline import TaskData, prepare_task_data
 from .data.sampling import build_batches
-from .engine.deepspeed_engine import Engine, deepspeed_config
+from .engine.deepspeed_engine import (
+    Engine,
+    check_topology,
+    deepspeed_config,
+    launch_world_size,
+    merge_user_deepspeed_config,
+)
+from .engine.run_logger import RunLogger
 from .engine.trainer import StepRecord, Trainer
 from .model import MegaMoEConfig, MegaMoEForMultiTask
 from .tasks.evaluation import evaluate
@@ -66,8 +75,28 @@ def build_model(
     return MegaMoEForMultiTask(MegaMoEConfig(tasks=task_specs, **architecture))
 
 
-def run(config: ExperimentConfig, *, show_progress: bool = True) -> RunResult:
+def declared_num_experts(config: ExperimentConfig) -> int | None:
+    """Experts per MoE layer the run will build (None for a dense model), known before any heavy work."""
+    if config.model.init == "pretrained":
+        assert config.model.base is not None  # validated by ModelSection
+        model_config = MegaMoEConfig.from_pretrained(config.model.base)
+    else:
+        model_config = MegaMoEConfig(**{"tasks": {}, **config.model.architecture})
+    return model_config.num_experts if model_config.moe_layer_freq > 0 else None
+
+
+def run(
+    config: ExperimentConfig, *, resume: str | Path | None = None, show_progress: bool = True
+) -> RunResult:
+    """Train, evaluate and export; ``resume`` is a checkpoint path (a run directory resumes its latest)."""
     run_dir = Path(config.run_dir)
+    # 0. Refuse a config that does not fit the launched ranks, before any data, model or collective work.
+    check_topology(
+        config.train,
+        config.parallel,
+        world_size=launch_world_size(),
+        num_experts=declared_num_experts(config),
+    )
     torch.manual_seed(config.train.seed)
 
     # 1. Data: load every task, infer its labels, tokenize.
@@ -81,9 +110,22 @@ def run(config: ExperimentConfig, *, show_progress: bool = True) -> RunResult:
         model, build_weighting(config.train.loss_weighting, list(tasks), alphas=alphas)
     )
 
-    # 3. Engine: DeepSpeed, with its JSON generated from the run config into the run directory.
-    engine = Engine(objective, deepspeed_config(config.train), run_dir=run_dir)
+    # 3. Engine: DeepSpeed (experts sharded over the EP group), its JSON written into the run directory.
+    parallel = config.parallel
+    ds_config = deepspeed_config(config.train, parallel)
+    if parallel.deepspeed_config is not None:
+        ds_config = merge_user_deepspeed_config(
+            parallel.deepspeed_config, ds_config, world_size=launch_world_size()
+        )
+    engine = Engine(
+        objective,
+        ds_config,
+        run_dir=run_dir,
+        expert_parallel_size=parallel.expert_parallel_size,
+        timeout_minutes=parallel.timeout_minutes,
+    )
     rank, world_size = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(config.train.seed + rank)  # every rank built the same model; dropout differs per rank
 
     # 4. Batches: one task per micro-batch, same schedule on every rank, examples sharded by rank.
     collate = MultiTaskCollator(tokenizer.pad_token_id)
@@ -98,10 +140,19 @@ def run(config: ExperimentConfig, *, show_progress: bool = True) -> RunResult:
         seed=config.train.seed,
     )
 
-    # 5. Train, evaluating on validation every eval_every steps.
+    # 5. Train (resuming if asked), evaluating every eval_every steps and checkpointing every every_steps.
     def validate(step: int) -> dict[str, Any]:
         return evaluate(engine.eval_forward, tasks, ("validation",), collate)[0]
 
+    def write_hf_files(directory: Path) -> None:
+        model.config.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+
+    def on_step_end(step: int) -> None:
+        if config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0:
+            checkpointer.save(step)
+
+    logger = RunLogger(run_dir / "tensorboard", enabled=rank == 0, tensorboard=config.logging.tensorboard)
     trainer = Trainer(
         engine,
         batches,
@@ -110,11 +161,30 @@ def run(config: ExperimentConfig, *, show_progress: bool = True) -> RunResult:
         evaluate=validate,
         eval_every=config.train.eval_every,
         task_weights=objective.weighting.current_weights,
+        on_step_end=on_step_end,
+        logger=logger,
+        log_every=config.logging.every_steps,
         show_progress=show_progress and rank == 0,
     )
+    checkpointer = Checkpointer(
+        engine.engine,
+        run_dir / "checkpoints",
+        topology=Topology(world_size, parallel.expert_parallel_size, parallel.zero_stage),
+        rank_local={"batches": batches, "weighting": objective.weighting, "trainer": trainer},
+        write_hf_files=write_hf_files,
+        keep_last=config.checkpoint.keep_last,
+    )
+    if resume is not None:
+        step = checkpointer.load(resume)
+        if rank == 0:
+            print(f"resumed from step {step} ({resolve_checkpoint(resume)})")
     history = trainer.fit()
+    last_checkpoint = run_dir / "checkpoints" / tag_for(trainer.step)
+    if not last_checkpoint.is_dir():
+        last_checkpoint = checkpointer.save(trainer.step)
+    logger.close()
 
-    # 6. Final evaluation, metrics.json, and the trained model as an HF directory.
+    # 6. Final evaluation, metrics.json, and the model gathered from every shard into an HF directory.
     metrics, utilization = evaluate(engine.eval_forward, tasks, ("validation", "test"), collate)
     if rank == 0:
         print(format_metrics_table(metrics))
@@ -124,6 +194,6 @@ def run(config: ExperimentConfig, *, show_progress: bool = True) -> RunResult:
             {"fractions": utilization.fractions(), "imbalance": utilization.imbalance()},
         )
         write_json_atomic(run_dir / "history.json", [asdict(record) for record in history])
-        model.save_pretrained(run_dir / "model")
-        tokenizer.save_pretrained(run_dir / "model")
+        export_checkpoint(last_checkpoint, run_dir / "model")
+    dist.barrier()
     return RunResult(run_dir=run_dir, metrics=metrics, history=history)

@@ -7,23 +7,79 @@ JSON is generated from the run config and written into the run directory, never 
 import json
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import deepspeed
 import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from torch import nn
+from torch.distributed import distributed_c10d
 
-from ..config import TrainSection
+from ..config import ParallelSection, TrainSection
+from .expert_parallel import shard_experts
 
 # Parameters that get no weight decay: biases and norm weights (BERT/RoBERTa fine-tuning practice).
 _NO_DECAY_SUFFIXES = ("bias", "norm.weight", "LayerNorm.weight")
 
 
-def deepspeed_config(train: TrainSection, *, zero_stage: int = 2) -> dict[str, Any]:
+class TopologyError(ValueError):
+    """The run config does not fit the ranks it was launched on (raised before any collective)."""
+
+
+def launch_world_size() -> int:
+    """Ranks the launcher started (deepspeed / torchrun / accelerate all export WORLD_SIZE); 1 without one."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_topology(
+    train: TrainSection, parallel: ParallelSection, *, world_size: int, num_experts: int | None
+) -> None:
+    """Refuse, with what to change, every combination DeepSpeed would refuse later or silently get wrong."""
+    ep = parallel.expert_parallel_size
+    if ep > 1 and num_experts is None:
+        raise TopologyError(f"parallel.expert_parallel_size={ep} but the model has no MoE layers")
+    if num_experts is not None and num_experts % ep:
+        raise TopologyError(
+            f"parallel.expert_parallel_size={ep} does not divide num_experts={num_experts}: "
+            "each EP rank must hold the same number of experts"
+        )
+    if world_size % ep:
+        raise TopologyError(
+            f"parallel.expert_parallel_size={ep} does not divide the {world_size} launched ranks: "
+            f"launch a multiple of {ep} ranks or change expert_parallel_size"
+        )
+    expected = train.micro_batch_size * train.gradient_accumulation_steps * world_size
+    if train.global_batch_size is not None and train.global_batch_size != expected:
+        raise TopologyError(
+            f"train.global_batch_size={train.global_batch_size} but micro_batch_size "
+            f"{train.micro_batch_size} x gradient_accumulation_steps {train.gradient_accumulation_steps} x "
+            f"{world_size} ranks = {expected}: change one of them"
+        )
+    accelerator = get_accelerator()
+    if train.precision == "bf16" and not accelerator.is_bf16_supported():
+        raise TopologyError(
+            f"train.precision=bf16 but this {accelerator.device_name()} has no bf16 support: use fp16 or fp32"
+        )
+    if train.precision == "fp16" and not accelerator.is_fp16_supported():
+        raise TopologyError(
+            f"train.precision=fp16 but this {accelerator.device_name()} has no fp16 support: use bf16 or fp32"
+        )
+
+
+def deepspeed_config(train: TrainSection, parallel: ParallelSection | None = None) -> dict[str, Any]:
     """The DeepSpeed JSON for a run: batch sizes, AdamW, warmup + linear decay, clipping, precision, ZeRO."""
+    parallel = parallel or ParallelSection()
     warmup_steps = int(train.warmup_ratio * train.max_steps)
     on_cpu = not torch.cuda.is_available()
+    zero: dict[str, Any] = {"stage": parallel.zero_stage}
+    if parallel.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": not on_cpu}
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.gradient_accumulation_steps,
@@ -43,7 +99,7 @@ def deepspeed_config(train: TrainSection, *, zero_stage: int = 2) -> dict[str, A
             },
         },
         "gradient_clipping": train.max_grad_norm,
-        "zero_optimization": {"stage": zero_stage},
+        "zero_optimization": zero,
         "bf16": {"enabled": train.precision == "bf16"},
         "fp16": {"enabled": train.precision == "fp16"},
         "steps_per_print": 10**9,  # the trainer logs; DeepSpeed's own step prints would interleave with it
@@ -52,16 +108,78 @@ def deepspeed_config(train: TrainSection, *, zero_stage: int = 2) -> dict[str, A
     return config
 
 
+# (dotted key in the DeepSpeed JSON) that the run config owns: a user JSON must agree on them.
+_RUN_CONFIG_OWNED = (
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "zero_optimization.stage",
+    "bf16.enabled",
+    "fp16.enabled",
+    "gradient_clipping",
+)
+
+
+def _lookup(config: dict[str, Any], dotted: str) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        both_dicts = isinstance(value, dict) and isinstance(base.get(key), dict)
+        merged[key] = _merge(base[key], value) if both_dicts else value
+    return merged
+
+
+def merge_user_deepspeed_config(
+    path: str | Path, generated: dict[str, Any], *, world_size: int
+) -> dict[str, Any]:
+    """The user's DeepSpeed JSON over the generated one, after checking it against the run config."""
+    try:
+        user = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise TopologyError(f"parallel.deepspeed_config: no such file {path}") from None
+    except json.JSONDecodeError as err:
+        raise TopologyError(f"parallel.deepspeed_config: {path} is not valid JSON: {err}") from None
+    conflicts = [
+        f"{key} is {_lookup(user, key)!r} there but {_lookup(generated, key)!r} in the run config"
+        for key in _RUN_CONFIG_OWNED
+        if _lookup(user, key) is not None and _lookup(user, key) != _lookup(generated, key)
+    ]
+    global_batch = (
+        generated["train_micro_batch_size_per_gpu"] * generated["gradient_accumulation_steps"] * world_size
+    )
+    if user.get("train_batch_size") not in (None, global_batch):
+        conflicts.append(f"train_batch_size is {user['train_batch_size']} there but {global_batch} here")
+    if conflicts:
+        raise TopologyError(
+            f"parallel.deepspeed_config {path} disagrees with the run config: "
+            + "; ".join(conflicts)
+            + ". Set these in the run config (train / parallel sections) and drop them from the JSON"
+        )
+    return _merge(generated, user)
+
+
 def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups (no decay on biases and norms), expert parameters split into DeepSpeed's MoE groups."""
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
     for name, param in module.named_parameters():
         if param.requires_grad:
             (no_decay if name.endswith(_NO_DECAY_SUFFIXES) else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"name": "decay", "params": decay, "weight_decay": weight_decay},
+        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
+    ]
+    return split_params_into_different_moe_groups_for_optimizer(groups)
 
 
-def init_distributed() -> None:
+def init_distributed(timeout_minutes: float = 30.0) -> None:
     """Join the process group the launcher set up; a plain `python` run becomes a 1-rank group."""
     if "RANK" not in os.environ:
         # Not under deepspeed / torchrun / accelerate: a single process with a private port.
@@ -72,15 +190,74 @@ def init_distributed() -> None:
             MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1"
         )
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    timeout = timedelta(minutes=timeout_minutes)
+    # Subgroups (DeepSpeed's expert-parallel and expert-data-parallel groups) are created without a timeout
+    # and get torch's module default (30 min), not the world group's: make the run's timeout that default.
+    distributed_c10d.default_pg_timeout = timeout
+    deepspeed.init_distributed(
+        dist_backend=backend,
+        auto_mpi_discovery=False,
+        verbose=False,
+        timeout=timeout,
+    )
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed or timed out: another rank died, is stuck, or the network broke."""
+
+
+# Words in the errors gloo / NCCL / c10d raise when a peer is gone or a collective times out.
+_COLLECTIVE_FAILURE_MARKERS = (
+    "timed out",
+    "timeout",
+    "connection closed",
+    "connection reset",
+    "nccl",
+    "gloo",
+)
+
+
+@contextmanager
+def collective_phase(phase: str, timeout_minutes: float) -> Iterator[None]:
+    """Re-raise a collective failure inside ``phase`` as a `CollectiveError` naming this rank and the phase."""
+    try:
+        yield
+    except RuntimeError as err:
+        message = str(err)
+        if not isinstance(err, dist.DistError) and not any(
+            marker in message.lower() for marker in _COLLECTIVE_FAILURE_MARKERS
+        ):
+            raise
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        raise CollectiveError(
+            f"rank {rank} of {world_size}: a collective failed during {phase} (parallel.timeout_minutes="
+            f"{timeout_minutes:g}). Another rank has most likely died or is stuck: its own output above says "
+            f"why. Underlying error: {message.splitlines()[0] if message else type(err).__name__}"
+        ) from err
 
 
 class Engine:
-    """A DeepSpeed engine over ``module`` (whose forward returns an object with ``.loss``)."""
+    """A DeepSpeed engine over ``module`` (whose forward returns an object with ``.loss``).
 
-    def __init__(self, module: nn.Module, config: dict[str, Any], run_dir: str | Path | None = None):
-        init_distributed()
-        if run_dir is not None:
+    A collective that fails or outlives ``timeout_minutes`` raises `CollectiveError` naming the rank and the
+    phase (forward, backward, optimizer step, evaluation) instead of hanging the job.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        config: dict[str, Any],
+        *,
+        run_dir: str | Path | None = None,
+        expert_parallel_size: int = 1,
+        timeout_minutes: float = 30.0,
+    ):
+        init_distributed(timeout_minutes)
+        self.timeout_minutes = timeout_minutes
+        self.micro_steps = 0
+        if expert_parallel_size > 1:
+            shard_experts(module, expert_parallel_size)
+        if run_dir is not None and dist.get_rank() == 0:
             Path(run_dir).mkdir(parents=True, exist_ok=True)
             (Path(run_dir) / "deepspeed_config.json").write_text(json.dumps(config, indent=2))
         weight_decay = config["optimizer"]["params"]["weight_decay"]
@@ -99,15 +276,21 @@ class Engine:
     def train_step(self, batch: dict[str, Any]) -> Any:
         """Forward + backward of one micro-batch; the optimizer steps at accumulation boundaries."""
         self.engine.train()
-        output = self.engine(**self._to_device(batch))
-        self.engine.backward(output.loss)
-        self.engine.step()
+        self.micro_steps += 1
+        where = f"micro-batch {self.micro_steps} (task {batch.get('task')})"
+        with collective_phase(f"the forward pass of {where}", self.timeout_minutes):
+            output = self.engine(**self._to_device(batch))
+        with collective_phase(f"the backward pass of {where}", self.timeout_minutes):
+            self.engine.backward(output.loss)
+        with collective_phase(f"the optimizer step after {where}", self.timeout_minutes):
+            self.engine.step()
         return output
 
     @torch.no_grad()
     def eval_forward(self, batch: dict[str, Any]) -> Any:
         self.engine.eval()
-        return self.engine(**self._to_device(batch))
+        with collective_phase(f"evaluation (task {batch.get('task')})", self.timeout_minutes):
+            return self.engine(**self._to_device(batch))
 
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

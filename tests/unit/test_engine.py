@@ -2,12 +2,21 @@
 
 import itertools
 import json
+import re
 
+import pytest
 import torch
 
 from megamoe import MegaMoEForMultiTask
-from megamoe.config import TrainSection
-from megamoe.engine.deepspeed_engine import Engine, deepspeed_config, parameter_groups
+from megamoe.config import ParallelSection, TrainSection
+from megamoe.engine.deepspeed_engine import (
+    Engine,
+    TopologyError,
+    check_topology,
+    deepspeed_config,
+    merge_user_deepspeed_config,
+    parameter_groups,
+)
 from megamoe.engine.trainer import Trainer
 from tests.conftest import tiny_config
 
@@ -36,7 +45,7 @@ def test_deepspeed_config_follows_the_run_config():
         warmup_ratio=0.1,
         precision="bf16",
     )
-    config = deepspeed_config(train, zero_stage=1)
+    config = deepspeed_config(train, ParallelSection(zero_stage=1))
     assert config["train_micro_batch_size_per_gpu"] == 8 and config["gradient_accumulation_steps"] == 2
     assert config["scheduler"]["params"] == {
         "total_num_steps": 200,
@@ -72,3 +81,59 @@ def test_a_tiny_model_learns_every_task(tmp_path):
         first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
         assert last < 0.8 * first, f"{task}: loss {first:.3f} -> {last:.3f}"
     assert all(r.aux_loss > 0 and r.tokens == 80 for r in history)
+
+
+@pytest.mark.parametrize(
+    ("train", "parallel", "world_size", "num_experts", "message"),
+    [
+        ({}, {"expert_parallel_size": 3}, 3, 8, "expert_parallel_size=3 does not divide num_experts=8"),
+        ({}, {"expert_parallel_size": 2}, 3, 8, "does not divide the 3 launched ranks"),
+        ({}, {"expert_parallel_size": 2}, 2, None, "the model has no MoE layers"),
+        (
+            {"micro_batch_size": 4, "gradient_accumulation_steps": 2, "global_batch_size": 32},
+            {},
+            2,
+            8,
+            "train.global_batch_size=32 but micro_batch_size 4 x gradient_accumulation_steps 2 x 2 ranks = 16",
+        ),
+    ],
+)
+def test_topology_errors_say_what_to_change(train, parallel, world_size, num_experts, message):
+    with pytest.raises(TopologyError, match=re.escape(message)):
+        check_topology(
+            TrainSection(**train), ParallelSection(**parallel), world_size=world_size, num_experts=num_experts
+        )
+
+
+def test_a_topology_that_fits_passes():
+    train = TrainSection(micro_batch_size=4, gradient_accumulation_steps=2, global_batch_size=32)
+    check_topology(train, ParallelSection(expert_parallel_size=2), world_size=4, num_experts=8)
+
+
+def test_deepspeed_config_offloads_the_optimizer_when_asked():
+    config = deepspeed_config(TrainSection(), ParallelSection(zero_stage=2, offload_optimizer=True))
+    assert config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+
+
+def test_a_user_deepspeed_json_is_merged_when_it_agrees(tmp_path):
+    train = TrainSection(micro_batch_size=4)
+    user = {
+        "train_micro_batch_size_per_gpu": 4,
+        "zero_optimization": {"stage": 2, "overlap_comm": True},
+        "optimizer": {"type": "Adam", "params": {"betas": [0.9, 0.95]}},
+    }
+    (tmp_path / "ds.json").write_text(json.dumps(user))
+    merged = merge_user_deepspeed_config(tmp_path / "ds.json", deepspeed_config(train), world_size=2)
+    assert merged["zero_optimization"] == {"stage": 2, "overlap_comm": True}
+    assert merged["optimizer"]["type"] == "Adam" and merged["optimizer"]["params"]["betas"] == [0.9, 0.95]
+    assert merged["optimizer"]["params"]["lr"] == train.lr, "generated keys the JSON leaves out stay"
+
+
+def test_a_user_deepspeed_json_that_disagrees_is_refused(tmp_path):
+    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_batch_size": 64}))
+    with pytest.raises(TopologyError) as err:
+        merge_user_deepspeed_config(tmp_path / "ds.json", deepspeed_config(TrainSection()), world_size=2)
+    assert "zero_optimization.stage is 3 there but 2 in the run config" in str(err.value)
+    assert "train_batch_size is 64 there but 32 here" in str(err.value)
+    with pytest.raises(TopologyError, match="no such file"):
+        merge_user_deepspeed_config(tmp_path / "missing.json", deepspeed_config(TrainSection()), world_size=1)

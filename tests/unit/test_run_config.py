@@ -56,7 +56,7 @@ def test_dotted_overrides(tmp_path):
     [
         (
             ["train.lrr=1"],
-            "run.yaml: train: unknown key 'lrr'; allowed keys: ['eval_every', 'gradient_accumulation_steps'",
+            "run.yaml: train: unknown key 'lrr'; allowed keys: ['eval_every', 'global_batch_size', 'gradient_accumulation_steps'",
         ),
         (["train.max_steps=ten"], "train.max_steps: expected int, got str 'ten'"),
         (["train.max_steps=0"], "train.max_steps: must be >= 1, got 0"),
@@ -77,6 +77,16 @@ def test_dotted_overrides(tmp_path):
             "tasks.ner.metric: 'accuracy' is not one of ['f1', 'precision', 'recall']",
         ),
         (["train"], "override 'train' is not of the form section.key=value"),
+        (["parallel.zero_stage=4"], "parallel.zero_stage: must be 0, 1, 2 or 3, got 4"),
+        (
+            ["parallel.zero_stage=3", "parallel.expert_parallel_size=2"],
+            "parallel.zero_stage: ZeRO-3 with expert_parallel_size > 1 is not available for MegaMoE experts",
+        ),
+        (
+            ["parallel.zero_stage=0", "parallel.offload_optimizer=true"],
+            "parallel.offload_optimizer: ZeRO-Offload needs zero_stage >= 1",
+        ),
+        (["checkpoint.keep_last=0"], "checkpoint.keep_last: must be >= 1, got 0"),
     ],
 )
 def test_bad_values_name_the_field(tmp_path, overrides, message):

