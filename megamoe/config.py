@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from .data.sampling import SAMPLING_STRATEGIES
 from .model.configuration_megamoe import TASK_TYPES
 
 T = TypeVar("T")
@@ -44,6 +45,9 @@ class TaskConfig:
     """Label names in id order; `None` = inferred (sorted) from the training split."""
     weight: float = 1.0
     """Static loss weight alpha_t (used by `loss_weighting: static`)."""
+    epochs: float = 1.0
+    """With `data.sampling: epochs`, this task's share of micro-batches is ∝ epochs x train size: a run of
+    sum_t(epochs_t x n_t) / batch steps passes over each task its own number of times."""
     metric: str | None = None
     """The metric the task is judged by (summaries, benchmarks); default: accuracy / entity F1 / MAE by type."""
     text_column: str = "text"
@@ -70,6 +74,7 @@ class TaskConfig:
             f"{self.metric!r} is not one of {list(allowed)} for a {self.type} task",
         )
         _check(self.weight >= 0, "weight", f"must be >= 0, got {self.weight}")
+        _check(self.epochs > 0, "epochs", f"must be > 0, got {self.epochs}")
         for name in ("max_train_examples", "max_eval_examples"):
             value = getattr(self, name)
             _check(value is None or value > 0, name, f"must be > 0, got {value}")
@@ -117,7 +122,8 @@ class DataSection:
     max_length: int = 128
     """Sub-tokens per example after truncation."""
     sampling: str = "temperature"
-    """Task schedule: `proportional`, `temperature` (p ~ n^(1/T)) or `round_robin`."""
+    """Task schedule: `proportional`, `temperature` (p ~ n^(1/T)), `round_robin`, or `epochs` (p ~ the
+    tasks' `epochs` x size)."""
     temperature: float = 2.0
     """T of temperature sampling."""
     label_all_subtokens: bool = False
@@ -128,9 +134,9 @@ class DataSection:
     def __post_init__(self) -> None:
         _check(self.max_length >= 8, "max_length", f"must be >= 8, got {self.max_length}")
         _check(
-            self.sampling in ("proportional", "temperature", "round_robin"),
+            self.sampling in SAMPLING_STRATEGIES,
             "sampling",
-            f"{self.sampling!r} is not one of proportional, temperature, round_robin",
+            f"{self.sampling!r} is not one of {', '.join(SAMPLING_STRATEGIES)}",
         )
         _check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
 

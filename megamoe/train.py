@@ -25,6 +25,7 @@ from .engine.deepspeed_engine import (
     deepspeed_config,
     launch_world_size,
     merge_user_deepspeed_config,
+    user_deepspeed_config_path,
 )
 from .engine.run_logger import RunLogger
 from .engine.trainer import StepRecord, Trainer
@@ -113,10 +114,9 @@ def run(
     # 3. Engine: DeepSpeed (experts sharded over the EP group), its JSON written into the run directory.
     parallel = config.parallel
     ds_config = deepspeed_config(config.train, parallel)
-    if parallel.deepspeed_config is not None:
-        ds_config = merge_user_deepspeed_config(
-            parallel.deepspeed_config, ds_config, world_size=launch_world_size()
-        )
+    user_ds_config = user_deepspeed_config_path(parallel)
+    if user_ds_config is not None:
+        ds_config = merge_user_deepspeed_config(user_ds_config, ds_config, world_size=launch_world_size())
     engine = Engine(
         objective,
         ds_config,
@@ -138,6 +138,7 @@ def run(
         rank=rank,
         world_size=world_size,
         seed=config.train.seed,
+        epochs={name: task.epochs for name, task in config.tasks.items()},
     )
 
     # 5. Train (resuming if asked), evaluating every eval_every steps and checkpointing every every_steps.

@@ -11,18 +11,27 @@ from typing import Any
 
 import numpy as np
 
-SAMPLING_STRATEGIES = ("proportional", "temperature", "round_robin")
+SAMPLING_STRATEGIES = ("proportional", "temperature", "round_robin", "epochs")
 
 
-def task_probabilities(sizes: dict[str, int], strategy: str, temperature: float = 1.0) -> dict[str, float]:
-    """p_t ∝ n_t (proportional), p_t ∝ n_t^(1/T) (temperature; T=1 proportional, T→∞ uniform), or uniform."""
+def task_probabilities(
+    sizes: dict[str, int],
+    strategy: str,
+    temperature: float = 1.0,
+    epochs: dict[str, float] | None = None,
+) -> dict[str, float]:
+    """p_t ∝ n_t (proportional), p_t ∝ n_t^(1/T) (temperature; T=1 proportional, T→∞ uniform), uniform
+    (round_robin), or p_t ∝ epochs_t · n_t (epochs: a run of Σ epochs_t · n_t / batch micro-batches passes
+    over every task its own number of times — the budget of training each task alone)."""
     if strategy not in SAMPLING_STRATEGIES:
         raise ValueError(f"unknown sampling strategy {strategy!r}; strategies: {list(SAMPLING_STRATEGIES)}")
     names = sorted(sizes)
     if strategy == "round_robin":
         return {name: 1 / len(names) for name in names}
-    exponent = 1.0 if strategy == "proportional" else 1.0 / temperature
+    exponent = 1.0 / temperature if strategy == "temperature" else 1.0
     mass = np.array([sizes[name] for name in names], dtype=np.float64) ** exponent
+    if strategy == "epochs":
+        mass *= np.array([(epochs or {}).get(name, 1.0) for name in names])
     return dict(zip(names, (mass / mass.sum()).tolist(), strict=True))
 
 
@@ -30,11 +39,19 @@ class TaskSchedule:
     """The task of micro-batch ``step``: round-robin over sorted task names, or drawn from
     `task_probabilities` with an RNG seeded by (seed, step)."""
 
-    def __init__(self, sizes: dict[str, int], strategy: str, *, temperature: float = 1.0, seed: int = 0):
+    def __init__(
+        self,
+        sizes: dict[str, int],
+        strategy: str,
+        *,
+        temperature: float = 1.0,
+        epochs: dict[str, float] | None = None,
+        seed: int = 0,
+    ):
         self.names = sorted(sizes)
         self.strategy = strategy
         self.seed = seed
-        probabilities = task_probabilities(sizes, strategy, temperature)
+        probabilities = task_probabilities(sizes, strategy, temperature, epochs)
         self.probabilities = np.array([probabilities[name] for name in self.names])
 
     def task_at(self, step: int) -> str:
@@ -151,6 +168,7 @@ def build_batches(
     rank: int,
     world_size: int,
     seed: int,
+    epochs: dict[str, float] | None = None,
 ) -> MultiTaskBatches:
     """The training stream over ``datasets`` (task name -> tokenized train split)."""
     sizes = {task: len(dataset) for task, dataset in datasets.items()}
@@ -166,5 +184,8 @@ def build_batches(
         for i, task in enumerate(sorted(sizes))
     }
     return MultiTaskBatches(
-        datasets, TaskSchedule(sizes, strategy, temperature=temperature, seed=seed), orders, collate
+        datasets,
+        TaskSchedule(sizes, strategy, temperature=temperature, epochs=epochs, seed=seed),
+        orders,
+        collate,
     )

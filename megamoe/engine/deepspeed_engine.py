@@ -37,6 +37,12 @@ def launch_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def user_deepspeed_config_path(parallel: ParallelSection) -> str | None:
+    """The user's DeepSpeed JSON: ``parallel.deepspeed_config``, else the one `accelerate launch
+    --deepspeed_config_file` passed to its processes."""
+    return parallel.deepspeed_config or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+
+
 def check_topology(
     train: TrainSection, parallel: ParallelSection, *, world_size: int, num_experts: int | None
 ) -> None:
@@ -60,6 +66,12 @@ def check_topology(
             f"train.global_batch_size={train.global_batch_size} but micro_batch_size "
             f"{train.micro_batch_size} x gradient_accumulation_steps {train.gradient_accumulation_steps} x "
             f"{world_size} ranks = {expected}: change one of them"
+        )
+    accelerate_stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    if accelerate_stage is not None and int(accelerate_stage) != parallel.zero_stage:
+        raise TopologyError(
+            f"accelerate launch asked for ZeRO stage {accelerate_stage} but parallel.zero_stage="
+            f"{parallel.zero_stage}: the run config decides; make them agree"
         )
     accelerator = get_accelerator()
     if train.precision == "bf16" and not accelerator.is_bf16_supported():

@@ -4,8 +4,7 @@ Shape legend: B batch, S sequence, T = B*S tokens, D hidden size, E experts, K e
 N expert-sorted rows.
 """
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -15,8 +14,7 @@ from .moe_experts import FeedForward, GroupedExperts
 from .moe_router import TopKRouter
 
 
-@dataclass
-class RouterStats:
+class RouterStats(NamedTuple):
     """What one MoE layer did with a batch.
 
     Attributes:

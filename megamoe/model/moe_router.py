@@ -3,7 +3,7 @@
 Shape legend: T tokens, D hidden size, E experts, K experts per token.
 """
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -12,9 +12,11 @@ from torch import nn
 from .moe_losses import load_balancing_loss, router_z_loss
 
 
-@dataclass
-class RouterOutput:
+class RouterOutput(NamedTuple):
     """One layer's routing decisions.
+
+    A NamedTuple, like `RouterStats`: DeepSpeed ZeRO-3 finds a module's output tensors inside tuples and
+    dicts (not dataclasses) to re-gather the module's partitioned weights before their backward.
 
     Attributes:
         weights_TK: combine weight of each chosen expert, in the input dtype.

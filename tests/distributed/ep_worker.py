@@ -102,7 +102,7 @@ def main() -> None:
         expert_numel = sum(p.numel() for n, p in module.named_parameters() if "experts" in n)
         # The fp32 master weights (and Adam moments of the same size) of the expert param groups.
         moe_groups = getattr(optimizer, "is_moe_param_group", [])  # set only when the model has MoE layers
-        partitions = optimizer.single_partition_of_fp32_groups
+        partitions = getattr(optimizer, "single_partition_of_fp32_groups", [])  # ZeRO-1/2
         expert_optimizer_numel = sum(p.numel() for p, moe in zip(partitions, moe_groups, strict=False) if moe)
         sizes = {"parameters": expert_numel, "optimizer_partition": expert_optimizer_numel}
         (args.out / "expert_numel.json").write_text(json.dumps(sizes))

@@ -41,6 +41,18 @@ def deepspeed_launch(
     return run_checked([*launcher, script, *args])
 
 
+def torchrun(script: str, *args: str, num_ranks: int = 2) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(num_ranks)]
+    return run_checked([*launcher, "--master_port", str(free_port()), script, *args])
+
+
+def accelerate_launch(script: str, *args: str, num_ranks: int = 2) -> subprocess.CompletedProcess:
+    """``accelerate launch`` with its DeepSpeed plugin (ZeRO-2), as an accelerate user would start a job."""
+    launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", str(num_ranks)]
+    launcher += ["--num_machines", "1", "--use_deepspeed", "--zero_stage", "2", "--mixed_precision", "no"]
+    return run_checked([*launcher, "--main_process_port", str(free_port()), script, *args])
+
+
 def single_process(script: str, *args: str) -> subprocess.CompletedProcess:
     return run_checked([sys.executable, script, *args])
 

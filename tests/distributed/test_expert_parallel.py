@@ -12,7 +12,13 @@ import torch
 
 from megamoe.checkpoint.export import load_checkpoint_model
 from megamoe.checkpoint.resume import CheckpointError
-from tests.distributed.launcher import deepspeed_launch, single_process, two_nodes_on_one_host
+from tests.distributed.launcher import (
+    accelerate_launch,
+    deepspeed_launch,
+    single_process,
+    torchrun,
+    two_nodes_on_one_host,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -140,3 +146,16 @@ def test_a_stuck_rank_fails_the_job_with_rank_and_phase_instead_of_hanging():
         "COLLECTIVE-ERROR: rank 0 of 2: a collective failed during the forward pass of micro-batch 1"
         in str(failure.value)
     )
+
+
+def test_zero3_data_parallel_matches_one_process(reference, tmp_path):
+    """ZeRO-3 without EP (DeepSpeed refuses ZeRO-3 for native-MoE expert parallelism, see the README)."""
+    deepspeed_launch(WORKER, "--out", str(tmp_path), "--zero-stage", "3", "--steps", str(STEPS))
+    assert losses(tmp_path) == pytest.approx(losses(reference), rel=1e-5)
+    assert_same_weights(weights(tmp_path), weights(reference), atol=1e-6)
+
+
+@pytest.mark.parametrize("launch", [torchrun, accelerate_launch], ids=["torchrun", "accelerate"])
+def test_other_launchers_run_the_same_program(reference, tmp_path, launch):
+    launch(WORKER, "--out", str(tmp_path), "--ep-size", "2", "--steps", str(STEPS))
+    assert losses(tmp_path) == pytest.approx(losses(reference), rel=1e-5)

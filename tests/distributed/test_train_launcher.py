@@ -86,3 +86,25 @@ def test_resume_picks_up_the_latest_checkpoint(launched):
     config, run_dir, _ = launched
     result = deepspeed_launch("megamoe", "train", str(config), "--resume", module=True)
     assert f"resumed from step {STEPS} ({run_dir / 'checkpoints' / 'step_00000006'})" in result.stdout
+
+
+def test_megamoe_export_rebuilds_the_same_model_from_the_checkpoint(launched, tmp_path, capsys):
+    from megamoe.cli import main
+
+    run_dir = launched[1]
+    assert main(["export", str(run_dir), str(tmp_path / "exported")]) == 0
+    assert "exported to" in capsys.readouterr().out
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "exported")
+    batch = tokenizer(["Rain is expected tomorrow in @london"], return_tensors="pt")
+    logits = [
+        AutoModel.from_pretrained(d, trust_remote_code=True).eval()(**batch, task="ner").logits
+        for d in (run_dir / "model", tmp_path / "exported")
+    ]
+    torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=0)
+
+
+def test_export_of_a_directory_without_checkpoints_says_what_is_missing(tmp_path, capsys):
+    from megamoe.cli import main
+
+    assert main(["export", str(tmp_path), str(tmp_path / "out")]) == 2
+    assert f"no checkpoint at {tmp_path}" in capsys.readouterr().err

@@ -16,6 +16,7 @@ from megamoe.engine.deepspeed_engine import (
     deepspeed_config,
     merge_user_deepspeed_config,
     parameter_groups,
+    user_deepspeed_config_path,
 )
 from megamoe.engine.trainer import Trainer
 from tests.conftest import tiny_config
@@ -137,3 +138,14 @@ def test_a_user_deepspeed_json_that_disagrees_is_refused(tmp_path):
     assert "train_batch_size is 64 there but 32 here" in str(err.value)
     with pytest.raises(TopologyError, match="no such file"):
         merge_user_deepspeed_config(tmp_path / "missing.json", deepspeed_config(TrainSection()), world_size=1)
+
+
+def test_accelerate_launch_settings_are_honoured_or_refused(monkeypatch, tmp_path):
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(tmp_path / "ds.json"))
+    assert user_deepspeed_config_path(ParallelSection()) == str(tmp_path / "ds.json")
+    assert user_deepspeed_config_path(ParallelSection(deepspeed_config="mine.json")) == "mine.json"
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    with pytest.raises(
+        TopologyError, match=r"accelerate launch asked for ZeRO stage 3 but parallel\.zero_stage=2"
+    ):
+        check_topology(TrainSection(), ParallelSection(zero_stage=2), world_size=1, num_experts=8)

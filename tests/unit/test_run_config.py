@@ -67,7 +67,7 @@ def test_dotted_overrides(tmp_path):
         (["tasks.ner.weight=-1"], "tasks.ner.weight: must be >= 0"),
         (
             ["data.sampling=uniform"],
-            "data.sampling: 'uniform' is not one of proportional, temperature, round_robin",
+            "data.sampling: 'uniform' is not one of proportional, temperature, round_robin, epochs",
         ),
         (["model.init=scratch"], "model.tokenizer: init='scratch' needs a tokenizer"),
         (["tasks.topic={type: token_classification}"], "tasks.topic: missing required key(s) ['source']"),

@@ -28,6 +28,20 @@ def test_probabilities():
         task_probabilities(SIZES, "uniform")
 
 
+def test_epochs_sampling_gives_every_task_its_own_budget():
+    """NER 3 epochs, the others 1 (DESIGN.md's single-task budgets): steps ∝ epochs x size."""
+    epochs = {"topic": 1.0, "ner": 3.0, "sentiment": 1.0}
+    probabilities = task_probabilities(SIZES, "epochs", epochs=epochs)
+    budget = {task: epochs[task] * SIZES[task] for task in SIZES}
+    for task in SIZES:
+        assert probabilities[task] == pytest.approx(budget[task] / sum(budget.values()))
+    assert task_probabilities(SIZES, "epochs") == pytest.approx(task_probabilities(SIZES, "proportional"))
+    schedule = TaskSchedule(SIZES, "epochs", epochs=epochs, seed=0)
+    steps = round(sum(budget.values()) / 16)
+    ner_steps = sum(schedule.task_at(step) == "ner" for step in range(steps))
+    assert ner_steps == pytest.approx(3 * SIZES["ner"] / 16, rel=0.1)
+
+
 def test_schedule_frequencies_match_the_probabilities():
     schedule = TaskSchedule(SIZES, "temperature", temperature=2.0, seed=3)
     draws = [schedule.task_at(step) for step in range(20000)]
