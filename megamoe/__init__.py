@@ -3,6 +3,7 @@
 from transformers import AutoConfig, AutoModel
 
 from .model import MegaMoEConfig, MegaMoEForMultiTask, MegaMoEModel
+from .predict import MultiTaskPredictor
 
 __version__ = "0.1.0"
 
@@ -13,4 +14,4 @@ AutoModel.register(MegaMoEConfig, MegaMoEForMultiTask)
 MegaMoEConfig.register_for_auto_class()
 MegaMoEForMultiTask.register_for_auto_class("AutoModel")
 
-__all__ = ["MegaMoEConfig", "MegaMoEForMultiTask", "MegaMoEModel", "__version__"]
+__all__ = ["MegaMoEConfig", "MegaMoEForMultiTask", "MegaMoEModel", "MultiTaskPredictor", "__version__"]

@@ -73,6 +73,75 @@ def export(args: argparse.Namespace) -> int:
     return 0
 
 
+def upcycle(args: argparse.Namespace) -> int:
+    """Turn a dense BERT-family checkpoint into a MegaMoE checkpoint (sparse upcycling): embeddings, attention
+    and norms copied, every MoE layer's experts initialized from the dense FFN, the router small; the tokenizer
+    travels along. With --noise-std 0 the result computes exactly what the dense model does."""
+    from transformers import AutoTokenizer
+
+    from .checkpoint import upcycle_pretrained
+
+    try:
+        model = upcycle_pretrained(
+            args.source,
+            tasks={},
+            expert_noise_std=args.noise_std,
+            seed=args.seed,
+            num_experts=args.num_experts,
+            num_experts_per_tok=args.top_k,
+            moe_layer_freq=args.moe_layer_freq,
+        )
+    except (OSError, ValueError, KeyError) as err:
+        print(f"error: cannot upcycle {args.source!r}: {err}", file=sys.stderr)
+        return 2
+    model.save_pretrained(args.out)
+    AutoTokenizer.from_pretrained(args.source).save_pretrained(args.out)
+    total, active = model.num_parameters(), model.num_active_parameters()
+    print(
+        f"upcycled {args.source} into {args.out}: {args.num_experts} experts, top-{args.top_k}, "
+        f"{total:,} parameters ({active:,} active per token). Train it with model.init: pretrained, "
+        f"model.base: {args.out} (task heads are added then)."
+    )
+    return 0
+
+
+def predict(args: argparse.Namespace) -> int:
+    """Predict with a trained model (a directory or Hub repo id): one JSON line per text and task — label and
+    probabilities for classification, entity spans (word and character offsets, type, score) for NER."""
+    import json
+
+    from tqdm.auto import tqdm
+
+    from .predict import MultiTaskPredictor
+
+    if bool(args.texts) == bool(args.file):
+        print("error: give texts as arguments or --file F.jsonl (one of them)", file=sys.stderr)
+        return 2
+    texts = list(args.texts)
+    if args.file:
+        try:
+            with open(args.file) as lines:
+                texts = [json.loads(line)[args.text_key] for line in lines if line.strip()]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+            print(
+                f"error: {args.file}: expected JSON lines with a {args.text_key!r} field: {err}",
+                file=sys.stderr,
+            )
+            return 2
+    try:
+        predictor = MultiTaskPredictor.from_pretrained(args.model, batch_size=args.batch_size)
+        tasks_per_text = len(predictor.resolve_tasks(args.task, args.all_tasks))
+    except (OSError, ValueError) as err:
+        print(f"error: {err} (use --task NAME or --all-tasks)", file=sys.stderr)
+        return 2
+    with tqdm(total=len(texts), desc="predict", unit="text", disable=len(texts) < 256) as progress:
+        for batch in predictor.batches(texts, args.task, all_tasks=args.all_tasks):
+            for result in batch:
+                print(json.dumps(result, ensure_ascii=False))
+            progress.update(len(batch) // tasks_per_text)
+    return 0
+
+
 def data_prepare(args: argparse.Namespace) -> int:
     """Download, parse and split the builtin offline datasets into the cache (idempotent)."""
     from .data.builtin import BUILTIN_DATASETS, load_builtin, prepare_builtin
@@ -136,6 +205,44 @@ def build_parser() -> argparse.ArgumentParser:
     export_parser.add_argument("out_dir", help="the HF model directory to write")
     export_parser.set_defaults(handler=export)
 
+    upcycle_parser = commands.add_parser(
+        "upcycle", help="dense BERT-family checkpoint -> MegaMoE checkpoint", description=upcycle.__doc__
+    )
+    upcycle_parser.add_argument("source", help="a Hub id or a local directory of a BERT-family model")
+    upcycle_parser.add_argument("out", help="the MegaMoE checkpoint directory to write")
+    upcycle_parser.add_argument(
+        "--num-experts", type=int, default=8, help="experts per MoE layer (default 8)"
+    )
+    upcycle_parser.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
+    upcycle_parser.add_argument(
+        "--moe-layer-freq", type=int, default=1, help="every n-th layer becomes MoE (default 1: all)"
+    )
+    upcycle_parser.add_argument(
+        "--noise-std",
+        type=float,
+        default=0.0,
+        help="relative noise on each expert copy to break symmetry (default 0: exact copies)",
+    )
+    upcycle_parser.add_argument("--seed", type=int, default=0, help="seeds the noise and the router init")
+    upcycle_parser.set_defaults(handler=upcycle)
+
+    predict_parser = commands.add_parser(
+        "predict",
+        help="labels / entity spans from a trained model, as JSON lines",
+        description=predict.__doc__,
+    )
+    predict_parser.add_argument("model", help="a model directory (e.g. <run_dir>/model) or a Hub repo id")
+    predict_parser.add_argument("texts", nargs="*", help="texts to predict (or --file)")
+    which = predict_parser.add_mutually_exclusive_group()
+    which.add_argument("--task", help="the task head to run (default: the model's only task)")
+    which.add_argument("--all-tasks", action="store_true", help="run every task head on every text")
+    predict_parser.add_argument("--file", help="JSON lines with one text per line")
+    predict_parser.add_argument(
+        "--text-key", default="text", help="the text field of --file lines (default: text)"
+    )
+    predict_parser.add_argument("--batch-size", type=int, default=32)
+    predict_parser.set_defaults(handler=predict)
+
     data_parser = commands.add_parser(
         "data", help="builtin datasets", description="Work with the builtin datasets."
     )
@@ -151,7 +258,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse fills a nargs="*" positional in one go, so `predict MODEL --task ner TEXT ...` leaves the
+    # texts after the option unparsed: they are still texts.
+    if extra and getattr(args, "texts", None) is not None and not any(e.startswith("-") for e in extra):
+        args.texts += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args.handler(args)
 
 

@@ -61,13 +61,15 @@ def build_model(
             **section.architecture,
         )
     if section.init == "pretrained":
-        model = MegaMoEForMultiTask.from_pretrained(section.base)
-        if model.config.tasks != task_specs:
+        assert section.base is not None  # validated by ModelSection
+        saved_tasks = MegaMoEConfig.from_pretrained(section.base).tasks
+        if saved_tasks and saved_tasks != task_specs:
             raise ValueError(
-                f"{section.base} was trained for tasks {model.config.tasks}, the run declares {task_specs}: "
+                f"{section.base} was trained for tasks {saved_tasks}, the run declares {task_specs}: "
                 "use init: upcycle / scratch, or the same tasks and labels"
             )
-        return model
+        # A backbone without heads (`megamoe upcycle`) gets fresh ones for the run's tasks.
+        return MegaMoEForMultiTask.from_pretrained(section.base, tasks=task_specs)
     architecture = {
         "vocab_size": len(tokenizer),
         "pad_token_id": tokenizer.pad_token_id,

