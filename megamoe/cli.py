@@ -80,10 +80,12 @@ def upcycle(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from .checkpoint import upcycle_pretrained
+    from .checkpoint.builtin_models import resolve_model_source
 
     try:
+        source = resolve_model_source(args.source)
         model = upcycle_pretrained(
-            args.source,
+            source,
             tasks={},
             expert_noise_std=args.noise_std,
             seed=args.seed,
@@ -95,7 +97,7 @@ def upcycle(args: argparse.Namespace) -> int:
         print(f"error: cannot upcycle {args.source!r}: {err}", file=sys.stderr)
         return 2
     model.save_pretrained(args.out)
-    AutoTokenizer.from_pretrained(args.source).save_pretrained(args.out)
+    AutoTokenizer.from_pretrained(source).save_pretrained(args.out)
     total, active = model.num_parameters(), model.num_active_parameters()
     print(
         f"upcycled {args.source} into {args.out}: {args.num_experts} experts, top-{args.top_k}, "
@@ -208,7 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     upcycle_parser = commands.add_parser(
         "upcycle", help="dense BERT-family checkpoint -> MegaMoE checkpoint", description=upcycle.__doc__
     )
-    upcycle_parser.add_argument("source", help="a Hub id or a local directory of a BERT-family model")
+    upcycle_parser.add_argument(
+        "source",
+        help="a Hub id, a local directory of a BERT-family model, or builtin:all-MiniLM-L6-v2 (offline)",
+    )
     upcycle_parser.add_argument("out", help="the MegaMoE checkpoint directory to write")
     upcycle_parser.add_argument(
         "--num-experts", type=int, default=8, help="experts per MoE layer (default 8)"

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .checkpoint import upcycle_pretrained
+from .checkpoint.builtin_models import resolve_model_source
 from .checkpoint.export import export_checkpoint
 from .checkpoint.resume import Checkpointer, Topology, resolve_checkpoint, tag_for
 from .config import ExperimentConfig
@@ -54,7 +55,7 @@ def build_model(
     if section.init == "upcycle":
         assert section.base is not None  # validated by ModelSection
         return upcycle_pretrained(
-            section.base,
+            resolve_model_source(section.base, config.data.cache_dir),
             tasks=task_specs,
             expert_noise_std=section.expert_noise_std,
             seed=config.train.seed,
@@ -62,14 +63,15 @@ def build_model(
         )
     if section.init == "pretrained":
         assert section.base is not None  # validated by ModelSection
-        saved_tasks = MegaMoEConfig.from_pretrained(section.base).tasks
+        base = resolve_model_source(section.base, config.data.cache_dir)
+        saved_tasks = MegaMoEConfig.from_pretrained(base).tasks
         if saved_tasks and saved_tasks != task_specs:
             raise ValueError(
                 f"{section.base} was trained for tasks {saved_tasks}, the run declares {task_specs}: "
                 "use init: upcycle / scratch, or the same tasks and labels"
             )
         # A backbone without heads (`megamoe upcycle`) gets fresh ones for the run's tasks.
-        return MegaMoEForMultiTask.from_pretrained(section.base, tasks=task_specs)
+        return MegaMoEForMultiTask.from_pretrained(base, tasks=task_specs)
     architecture = {
         "vocab_size": len(tokenizer),
         "pad_token_id": tokenizer.pad_token_id,
@@ -82,7 +84,9 @@ def declared_num_experts(config: ExperimentConfig) -> int | None:
     """Experts per MoE layer the run will build (None for a dense model), known before any heavy work."""
     if config.model.init == "pretrained":
         assert config.model.base is not None  # validated by ModelSection
-        model_config = MegaMoEConfig.from_pretrained(config.model.base)
+        model_config = MegaMoEConfig.from_pretrained(
+            resolve_model_source(config.model.base, config.data.cache_dir)
+        )
     else:
         model_config = MegaMoEConfig(**{"tasks": {}, **config.model.architecture})
     return model_config.num_experts if model_config.moe_layer_freq > 0 else None
@@ -103,7 +107,9 @@ def run(
     torch.manual_seed(config.train.seed)
 
     # 1. Data: load every task, infer its labels, tokenize.
-    tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer or config.model.base)
+    tokenizer_source = config.model.tokenizer or config.model.base
+    assert tokenizer_source is not None  # validated by ModelSection
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_source(tokenizer_source, config.data.cache_dir))
     tasks = prepare_task_data(config, tokenizer)
 
     # 2. Model and objective (task heads + loss weighting + router losses).

