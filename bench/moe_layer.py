@@ -17,13 +17,20 @@ assignments beyond its capacity.
 
 Timing: ``--warmup`` rounds, then ``--repeats`` rounds; inside every round each implementation runs once
 (round-robin, starting point rotated), so machine noise hits all of them alike. Reported: the median ms of
-forward+backward. Memory: on CUDA the peak allocated bytes during forward+backward above the level before it;
-on CPU the activation memory, i.e. the bytes of the distinct storages saved for backward (seen with
-``torch.autograd.graph.saved_tensors_hooks``), leaving out the parameters and the layer input.
+forward+backward (wall clock, ``torch.cuda.synchronize`` before and after on CUDA). Memory: the activation
+memory, i.e. the bytes of the distinct storages saved for backward (seen with
+``torch.autograd.graph.saved_tensors_hooks``), leaving out the parameters and the layer input; on CUDA also the
+peak allocated bytes during forward+backward above the level before it (``torch.cuda.max_memory_allocated``,
+which includes the parameters' gradients), and that peak is then the memory of the table and the JSON.
 
 Run (the numbers in docs/benchmarks.md; about 10 minutes on 2 CPU cores with the default 2 + 20 rounds):
 
     python bench/moe_layer.py --threads 2 --json bench/results/moe_layer_cpu.json --plot docs/img/moe_layer_cpu.png
+
+GPU (docs/benchmarks.md, "GPU (H100)"):
+
+    python bench/moe_layer.py --device cuda --dtype bfloat16 --hidden 2048 --expert-width 1408 \
+        --json bench/results/moe_layer_h100.json --plot docs/img/moe_layer_h100.png
 """
 
 import argparse
@@ -39,13 +46,14 @@ from pathlib import Path
 
 import deepspeed
 import torch
+import torch.nn.functional as F
 import transformers
 from deepspeed.moe.layer import MoE
 from torch import nn
 from transformers import Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
-from megamoe.model.moe_experts import FeedForward
+from megamoe.model.moe_experts import FeedForward, _grouped_mm_supported
 from megamoe.model.moe_layer import MoEFeedForward
 
 SEQ_LEN = 512
@@ -74,6 +82,7 @@ class Result:
     ratio: float
     memory_mb: float
     memory_ratio: float
+    saved_activations_mb: float
     dropped: int | None
     max_abs_diff_vs_megamoe: float | None
 
@@ -275,8 +284,23 @@ def peak_cuda_bytes(impl: Impl, x: torch.Tensor, grad: torch.Tensor) -> int:
     return torch.cuda.max_memory_allocated(x.device) - before
 
 
-def measure_memory(impl: Impl, x: torch.Tensor, grad: torch.Tensor) -> int:
-    return peak_cuda_bytes(impl, x, grad) if x.device.type == "cuda" else saved_activation_bytes(impl, x)
+def measure_memory(impl: Impl, x: torch.Tensor, grad: torch.Tensor) -> tuple[int, int]:
+    """(the table's memory: CUDA peak on CUDA, saved activations on CPU; saved activations)."""
+    saved = saved_activation_bytes(impl, x)
+    return (peak_cuda_bytes(impl, x, grad) if x.device.type == "cuda" else saved), saved
+
+
+def megamoe_experts_path(args: argparse.Namespace) -> str:
+    """Which expert GEMM megamoe's ``grouped_linear`` takes for this device and dtype."""
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    x = torch.zeros(1, args.hidden, device=device, dtype=dtype)
+    weight = torch.zeros(1, 2 * args.expert_width, args.hidden, device=device, dtype=dtype)
+    grouped = _grouped_mm_supported(x, weight)
+    return (
+        f"torch.nn.functional.grouped_mm {'present' if hasattr(F, 'grouped_mm') else 'absent'}, "
+        f"torch._grouped_mm {'present' if hasattr(torch, '_grouped_mm') else 'absent'}; "
+        f"megamoe experts: {'F.grouped_mm' if grouped else 'per-expert F.linear loop (fallback)'}"
+    )
 
 
 def run_config(args: argparse.Namespace, experts: int, tokens: int) -> list[Result]:
@@ -289,7 +313,9 @@ def run_config(args: argparse.Namespace, experts: int, tokens: int) -> list[Resu
     impls = build_impls(args, experts, x)
 
     ms = time_round_robin(impls, x, grad, args)
-    memory = {impl.name: measure_memory(impl, x, grad) for impl in impls}
+    memory, saved = {}, {}
+    for impl in impls:
+        memory[impl.name], saved[impl.name] = measure_memory(impl, x, grad)
     with torch.no_grad():
         outputs = {impl.name: impl.forward(x) for impl in impls}
     results = []
@@ -305,6 +331,7 @@ def run_config(args: argparse.Namespace, experts: int, tokens: int) -> list[Resu
                 ratio=ms[impl.name] / ms["dense"],
                 memory_mb=memory[impl.name] / 2**20,
                 memory_ratio=memory[impl.name] / memory["dense"],
+                saved_activations_mb=saved[impl.name] / 2**20,
                 dropped=impl.last_dropped() if is_moe else None,
                 max_abs_diff_vs_megamoe=diff,
             )
@@ -313,17 +340,25 @@ def run_config(args: argparse.Namespace, experts: int, tokens: int) -> list[Resu
 
 
 def format_table(results: list[Result], memory_metric: str) -> str:
+    """One row per result; on CUDA a saved-activations column follows the peak-memory one."""
+    with_saved = memory_metric != "saved activations"
     header = (
         f"{'E':>3} {'T':>6} {'impl':<14} {'ms':>9} {'x dense':>8} {memory_metric + ' MB':>18} {'x dense':>8}"
-        f" {'dropped':>8} {'max|y-y_megamoe|':>17}"
+        + (f" {'saved act. MB':>14} {'x dense':>8}" if with_saved else "")
+        + f" {'dropped':>8} {'max|y-y_megamoe|':>17}"
     )
+    dense_saved = {(r.experts, r.tokens): r.saved_activations_mb for r in results if r.impl == "dense"}
     lines = [header, "-" * len(header)]
     for r in results:
         dropped = "-" if r.dropped is None else str(r.dropped)
         diff = "-" if r.max_abs_diff_vs_megamoe is None else f"{r.max_abs_diff_vs_megamoe:.1e}"
+        saved = ""
+        if with_saved:
+            saved_ratio = r.saved_activations_mb / dense_saved[(r.experts, r.tokens)]
+            saved = f" {r.saved_activations_mb:>14.1f} {saved_ratio:>8.2f}"
         lines.append(
-            f"{r.experts:>3} {r.tokens:>6} {r.impl:<14} {r.ms:>9.1f} {r.ratio:>8.2f} {r.memory_mb:>18.1f}"
-            f" {r.memory_ratio:>8.2f} {dropped:>8} {diff:>17}"
+            f"{r.experts:>3} {r.tokens:>6} {r.impl:<14} {r.ms:>9.2f} {r.ratio:>8.2f} {r.memory_mb:>18.1f}"
+            f" {r.memory_ratio:>8.2f}{saved} {dropped:>8} {diff:>17}"
         )
     return "\n".join(lines)
 
@@ -418,9 +453,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     init_single_rank_group()
     memory_metric = "CUDA peak alloc" if args.device == "cuda" else "saved activations"
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    where = device_name if args.device == "cuda" else f"{torch.get_num_threads()} CPU threads"
     environment = (
         f"torch {torch.__version__}, deepspeed {deepspeed.__version__}, transformers {transformers.__version__}, "
-        f"device {args.device}, {torch.get_num_threads()} threads, {args.dtype}"
+        f"device {device_name}, {torch.get_num_threads()} threads, {args.dtype}; {megamoe_experts_path(args)}"
     )
     print(environment)
     print(
@@ -466,7 +503,7 @@ def main() -> None:
             results,
             args.plot,
             f"MoE layer fwd+bwd vs dense FFN (d={args.hidden}, F={args.expert_width}, "
-            f"k={args.top_k}, {args.device} {args.dtype}, {torch.get_num_threads()} threads)",
+            f"k={args.top_k}, {args.dtype}, {where})",
         )
 
 

@@ -43,6 +43,8 @@ def describe(args: argparse.Namespace) -> int:
 
 def train(args: argparse.Namespace) -> int:
     """Train a multi-task MegaMoE from a YAML run config (under the deepspeed launcher or as one process)."""
+    import torch.distributed as dist
+
     from .checkpoint.resume import CheckpointError
     from .config import ConfigError, load_config
     from .engine.deepspeed_engine import TopologyError
@@ -55,6 +57,8 @@ def train(args: argparse.Namespace) -> int:
     except (ConfigError, TopologyError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if dist.is_initialized():
+        dist.destroy_process_group()  # exiting with live gloo / NCCL threads can abort the process
     print(f"run directory: {result.run_dir}")
     return 0
 
@@ -141,6 +145,44 @@ def predict(args: argparse.Namespace) -> int:
             for result in batch:
                 print(json.dumps(result, ensure_ascii=False))
             progress.update(len(batch) // tasks_per_text)
+    return 0
+
+
+def push(args: argparse.Namespace) -> int:
+    """Upload a model directory (weights, config, tokenizer, remote code) to the Hugging Face Hub, with a
+    generated model card (README.md with metadata, metrics, expert-utilization plot).
+
+    The token comes from HF_TOKEN or `hf auth login`; it is never printed.
+    """
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from .checkpoint.hub import HubAuthError, push_to_hub
+
+    try:
+        result = push_to_hub(
+            args.model_dir,
+            args.repo_id,
+            private=True if args.private else None,
+            revision=args.revision,
+            create_pr=args.create_pr,
+            base_model=args.base_model,
+        )
+    except (FileNotFoundError, HubAuthError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except HfHubHTTPError as err:
+        print(f"error: the Hub refused the push to {args.repo_id}: {err}", file=sys.stderr)
+        return 1
+    if result.private_ignored:
+        visibility = {True: "private", False: "public", None: "unchanged"}[result.repo_private]
+        print(
+            f"note: {result.repo_id} already existed, so --private was ignored: the Hub keeps an existing "
+            f"repo's visibility (it stays {visibility}); change it in the repo's settings on the Hub"
+        )
+    if not result.changed:
+        what = "no pull request was opened" if args.create_pr else "no commit was made"
+        print(f"note: every file was already on the Hub at {result.revision}; {what}")
+    print(f"{'opened pull request' if result.pr_url else 'pushed to'} {result.url}")
     return 0
 
 
@@ -247,6 +289,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict_parser.add_argument("--batch-size", type=int, default=32)
     predict_parser.set_defaults(handler=predict)
+
+    push_parser = commands.add_parser(
+        "push", help="model directory -> Hugging Face Hub repo, with a model card", description=push.__doc__
+    )
+    push_parser.add_argument("model_dir", help="an exported model directory, e.g. <run_dir>/model")
+    push_parser.add_argument("repo_id", help="namespace/name (a bare name goes to the token's owner)")
+    push_parser.add_argument(
+        "--private", action="store_true", help="create the repo private (ignored if it already exists)"
+    )
+    push_parser.add_argument("--revision", metavar="BRANCH", help="commit to this branch (created from main)")
+    push_parser.add_argument(
+        "--create-pr", action="store_true", help="open a pull request against main instead of committing"
+    )
+    push_parser.add_argument(
+        "--base-model",
+        help="Hub id for the card's base_model (default: from the run config's model.base when known)",
+    )
+    push_parser.set_defaults(handler=push)
 
     data_parser = commands.add_parser(
         "data", help="builtin datasets", description="Work with the builtin datasets."

@@ -10,11 +10,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import yaml
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .checkpoint import upcycle_pretrained
 from .checkpoint.builtin_models import resolve_model_source
 from .checkpoint.export import export_checkpoint
+from .checkpoint.model_card import RUN_CONFIG_FILENAME, save_model_card
 from .checkpoint.resume import Checkpointer, Topology, resolve_checkpoint, tag_for
 from .config import ExperimentConfig
 from .data.collate import MultiTaskCollator
@@ -134,6 +136,8 @@ def run(
     )
     rank, world_size = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(config.train.seed + rank)  # every rank built the same model; dropout differs per rank
+    if rank == 0:  # the run as it ran, overrides applied (the model card shows it)
+        (run_dir / RUN_CONFIG_FILENAME).write_text(yaml.safe_dump(asdict(config), sort_keys=False))
 
     # 4. Batches: one task per micro-batch, same schedule on every rank, examples sharded by rank.
     collate = MultiTaskCollator(tokenizer.pad_token_id)
@@ -204,5 +208,6 @@ def run(
         )
         write_json_atomic(run_dir / "history.json", [asdict(record) for record in history])
         export_checkpoint(last_checkpoint, run_dir / "model")
+        save_model_card(run_dir / "model")
     dist.barrier()
     return RunResult(run_dir=run_dir, metrics=metrics, history=history)

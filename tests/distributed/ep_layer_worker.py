@@ -54,6 +54,7 @@ def main() -> None:
     dist.barrier()
     if rank == 0:
         print("EP-LAYER-OK")
+    dist.destroy_process_group()  # exiting with live gloo threads can abort the process
 
 
 if __name__ == "__main__":

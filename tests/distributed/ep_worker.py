@@ -15,31 +15,24 @@ import torch.distributed as dist
 from megamoe.checkpoint.resume import Checkpointer, Topology
 from megamoe.config import ParallelSection, TrainSection
 from megamoe.engine.deepspeed_engine import Engine, deepspeed_config, launch_world_size
-from megamoe.model import MegaMoEConfig, MegaMoEForMultiTask
+from megamoe.model import MegaMoEForMultiTask
 from megamoe.tasks.objective import MultiTaskObjective
 from megamoe.tasks.weighting import build_weighting
+from tests.conftest import TASKS, tiny_config
 
-GLOBAL_BATCH, SEQ_LEN, VOCAB = 8, 12, 64
+GLOBAL_BATCH, SEQ_LEN, VOCAB = 8, 12, 64  # VOCAB: tiny_config's vocabulary
 
 
 def tiny_model(num_experts: int) -> MegaMoEForMultiTask:
     torch.manual_seed(0)
-    config = MegaMoEConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        moe_intermediate_size=32,
+    config = tiny_config(
         num_experts=num_experts,
-        num_experts_per_tok=2,
-        max_position_embeddings=SEQ_LEN,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
         # Per-rank aux loss is a product of per-rank means: not comparable to one process's.
         router_aux_loss_coef=0.0,
         router_z_loss_coef=0.0,
-        tasks={"topic": {"type": "sequence_classification", "labels": ["a", "b", "c"]}},
+        tasks={"topic": TASKS["topic"]},
     )
     return MegaMoEForMultiTask(config)
 
@@ -106,6 +99,8 @@ def main() -> None:
         expert_optimizer_numel = sum(p.numel() for p, moe in zip(partitions, moe_groups, strict=False) if moe)
         sizes = {"parameters": expert_numel, "optimizer_partition": expert_optimizer_numel}
         (args.out / "expert_numel.json").write_text(json.dumps(sizes))
+    dist.barrier()
+    dist.destroy_process_group()  # exiting with live gloo threads can abort the process
 
 
 if __name__ == "__main__":

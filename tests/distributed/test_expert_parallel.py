@@ -26,6 +26,14 @@ WORKER = "tests/distributed/ep_worker.py"
 STEPS = 4
 
 
+def worker(out, **flags) -> list[str]:
+    """The worker script and its arguments: ``--out OUT --steps 4`` plus ``--name value`` per flag."""
+    args = [WORKER, "--out", str(out), "--steps", str(STEPS)]
+    for name, value in flags.items():
+        args += [f"--{name.replace('_', '-')}", str(value)]
+    return args
+
+
 def losses(run_dir):
     return json.loads((run_dir / "losses.json").read_text())["losses"]
 
@@ -43,14 +51,14 @@ def assert_same_weights(a, b, atol):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("one_process")
-    single_process(WORKER, "--out", str(out), "--steps", str(STEPS))
+    single_process(*worker(out))
     return out
 
 
 @pytest.fixture(scope="module")
 def ep2_zero2(tmp_path_factory):
     out = tmp_path_factory.mktemp("ep2_zero2")
-    deepspeed_launch(WORKER, "--out", str(out), "--ep-size", "2", "--steps", str(STEPS), "--save-at", "2")
+    deepspeed_launch(*worker(out, ep_size=2, save_at=2))
     return out
 
 
@@ -88,17 +96,7 @@ def test_export_holds_what_the_live_sharded_model_computed(ep2_zero2):
 
 
 def test_resume_continues_exactly(ep2_zero2, tmp_path):
-    deepspeed_launch(
-        WORKER,
-        "--out",
-        str(tmp_path),
-        "--ep-size",
-        "2",
-        "--steps",
-        str(STEPS),
-        "--resume",
-        str(ep2_zero2 / "checkpoints" / "step_00000002"),
-    )
+    deepspeed_launch(*worker(tmp_path, ep_size=2, resume=ep2_zero2 / "checkpoints" / "step_00000002"))
     assert json.loads((tmp_path / "losses.json").read_text())["first_step"] == 3
     assert losses(tmp_path) == losses(ep2_zero2)[2:]
     # Every per-expert tensor, bit for bit (a silently dropped expert shard would show here).
@@ -107,7 +105,7 @@ def test_resume_continues_exactly(ep2_zero2, tmp_path):
 
 def test_resume_on_a_different_topology_is_refused(ep2_zero2, tmp_path):
     with pytest.raises(AssertionError, match="resume with the same number of ranks"):
-        single_process(WORKER, "--out", str(tmp_path), "--resume", str(ep2_zero2))
+        single_process(*worker(tmp_path, resume=ep2_zero2))
 
 
 def test_resume_without_a_checkpoint_is_an_error(tmp_path):
@@ -118,24 +116,13 @@ def test_resume_without_a_checkpoint_is_an_error(tmp_path):
 
 
 def test_expert_parallel_zero1_matches_one_process(reference, tmp_path):
-    deepspeed_launch(
-        WORKER, "--out", str(tmp_path), "--ep-size", "2", "--zero-stage", "1", "--steps", str(STEPS)
-    )
+    deepspeed_launch(*worker(tmp_path, ep_size=2, zero_stage=1))
     assert losses(tmp_path) == pytest.approx(losses(reference), rel=1e-5)
     assert_same_weights(weights(tmp_path), weights(reference), atol=1e-6)
 
 
 def test_two_nodes_on_one_host_match_one_node(ep2_zero2, tmp_path):
-    two_nodes_on_one_host(
-        WORKER,
-        "--out",
-        str(tmp_path),
-        "--ep-size",
-        "2",
-        "--steps",
-        str(STEPS),
-        hostfile=tmp_path / "hostfile",
-    )
+    two_nodes_on_one_host(*worker(tmp_path, ep_size=2), hostfile=tmp_path / "hostfile")
     assert losses(tmp_path) == losses(ep2_zero2)
 
 
@@ -150,12 +137,12 @@ def test_a_stuck_rank_fails_the_job_with_rank_and_phase_instead_of_hanging():
 
 def test_zero3_data_parallel_matches_one_process(reference, tmp_path):
     """ZeRO-3 without EP (DeepSpeed refuses ZeRO-3 for native-MoE expert parallelism, see the README)."""
-    deepspeed_launch(WORKER, "--out", str(tmp_path), "--zero-stage", "3", "--steps", str(STEPS))
+    deepspeed_launch(*worker(tmp_path, zero_stage=3))
     assert losses(tmp_path) == pytest.approx(losses(reference), rel=1e-5)
     assert_same_weights(weights(tmp_path), weights(reference), atol=1e-6)
 
 
 @pytest.mark.parametrize("launch", [torchrun, accelerate_launch], ids=["torchrun", "accelerate"])
 def test_other_launchers_run_the_same_program(reference, tmp_path, launch):
-    launch(WORKER, "--out", str(tmp_path), "--ep-size", "2", "--steps", str(STEPS))
+    launch(*worker(tmp_path, ep_size=2))
     assert losses(tmp_path) == pytest.approx(losses(reference), rel=1e-5)

@@ -57,6 +57,10 @@ def test_the_run_directory_is_complete(launched):
     assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_00000004", "step_00000006"]
     assert (checkpoints / "latest").read_text().strip() == "step_00000006"
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    # The exported model carries its card: metadata, the run's metrics and the utilization plot.
+    card = (run_dir / "model" / "README.md").read_text()
+    assert "mixture-of-experts" in card and "model-index" in card and "expert_utilization.png" in card
+    assert (run_dir / "model" / "expert_utilization.png").stat().st_size > 0
 
 
 def test_tensorboard_has_the_training_scalars(launched):
