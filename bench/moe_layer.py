@@ -29,7 +29,7 @@ Run (the numbers in docs/benchmarks.md; about 10 minutes on 2 CPU cores with the
 
 GPU (docs/benchmarks.md, "GPU (H100)"):
 
-    python bench/moe_layer.py --device cuda --dtype bfloat16 --hidden 2048 --expert-width 1408 \
+    python bench/moe_layer.py --device cuda --dtype bfloat16 --hidden 2048 --expert-width 1408 --warmup 3 \
         --json bench/results/moe_layer_h100.json --plot docs/img/moe_layer_h100.png
 """
 
