@@ -1,9 +1,12 @@
-"""Scalars of a run to TensorBoard (``<run_dir>/tensorboard``): losses per task, task weights, router losses,
-expert load imbalance per layer, dropped tokens, tokens/s, learning rate, evaluation metrics."""
+"""A run's scalars to TensorBoard (``<run_dir>/tensorboard``): losses per task, task weights, router losses,
+expert load per layer (histograms) and its imbalance, dropped tokens, tokens/s, learning rate, evaluation
+metrics."""
 
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import torch
 
 
 class RunLogger:
@@ -16,9 +19,23 @@ class RunLogger:
 
             self.writer = SummaryWriter(str(log_dir))
 
-    def log_step(self, step: int, records: Sequence[Any], tokens_per_s: float) -> None:
+    def log_step(
+        self,
+        step: int,
+        records: Sequence[Any],
+        tokens_per_s: float,
+        router_stats: Sequence[Any] | None = None,
+    ) -> None:
+        """Scalars of one optimizer step (its micro-batches' ``StepRecord``s); the expert load of the last
+        micro-batch as one histogram per MoE layer (tokens over expert ids: flat = balanced)."""
         if self.writer is None:
             return
+        for layer, stats in enumerate(router_stats or []):
+            counts = stats.tokens_per_expert.detach().cpu()
+            expert_of_each_assignment = torch.repeat_interleave(torch.arange(counts.numel()), counts)
+            self.writer.add_histogram(
+                f"expert_load/moe_layer_{layer}", expert_of_each_assignment, step, bins=counts.numel()
+            )
         last = records[-1]
         scalars: dict[str, float] = {
             "train/loss": last.loss,

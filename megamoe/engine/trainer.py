@@ -114,7 +114,8 @@ class Trainer:
         start, tokens = time.perf_counter(), 0
         while self.step < self.max_steps:
             self.step += 1
-            step_records = [self._micro_step(self.step) for _ in range(self.grad_accum)]
+            micro_steps = [self._micro_step(self.step) for _ in range(self.grad_accum)]
+            step_records = [record for record, _ in micro_steps]
             tokens += sum(r.tokens for r in step_records)
             tokens_per_s = tokens / (time.perf_counter() - start)
             record = step_records[-1]
@@ -123,7 +124,7 @@ class Trainer:
                 task=record.task, loss=f"{record.task_loss:.3f}", tok_s=f"{tokens_per_s:.0f}"
             )
             if self.logger is not None and self._due(self.log_every):
-                self.logger.log_step(self.step, step_records, tokens_per_s)
+                self.logger.log_step(self.step, step_records, tokens_per_s, micro_steps[-1][1].router_stats)
             # The last step's evaluation is the caller's final one.
             if self.evaluate is not None and self._due(self.eval_every) and self.step < self.max_steps:
                 evaluation = {"step": self.step, **self.evaluate(self.step)}
@@ -138,7 +139,7 @@ class Trainer:
     def _due(self, every: int) -> bool:
         return every > 0 and self.step % every == 0
 
-    def _micro_step(self, step: int) -> StepRecord:
+    def _micro_step(self, step: int) -> tuple[StepRecord, Any]:
         batch = next(self.batches)
         output = self.engine.train_step(batch)
         imbalance, dropped = _router_summary(output)
@@ -156,4 +157,4 @@ class Trainer:
             dropped_tokens=dropped,
         )
         self.history.append(record)
-        return record
+        return record, output

@@ -72,6 +72,9 @@ def test_tensorboard_has_the_training_scalars(launched):
     expected = {"train/loss", "train/tokens_per_s", "task_loss/ner", "task_weight/topic"}
     assert expected <= tags
     assert {"expert_load_imbalance/moe_layer_0", "expert_load_imbalance/moe_layer_2"} & tags
+    (load,) = [tag for tag in events.Tags()["histograms"] if tag == "expert_load/moe_layer_0"]
+    histogram = events.Histograms(load)[-1].histogram_value
+    assert histogram.num > 0 and 0 <= histogram.min <= histogram.max <= 3, "assignments over expert ids 0..3"
 
 
 def test_the_exported_model_has_every_expert_and_loads_without_megamoe(launched):

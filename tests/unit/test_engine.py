@@ -149,3 +149,37 @@ def test_accelerate_launch_settings_are_honoured_or_refused(monkeypatch, tmp_pat
         TopologyError, match=r"accelerate launch asked for ZeRO stage 3 but parallel\.zero_stage=2"
     ):
         check_topology(TrainSection(), ParallelSection(zero_stage=2), world_size=1, num_experts=8)
+
+
+def test_run_logger_writes_scalars_and_expert_load_histograms(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from megamoe.engine.run_logger import RunLogger
+    from megamoe.engine.trainer import StepRecord
+    from megamoe.model import RouterStats
+
+    record = StepRecord(
+        step=1,
+        task="ner",
+        loss=1.0,
+        task_loss=0.9,
+        aux_loss=0.1,
+        z_loss=0.0,
+        lr=1e-4,
+        tokens=10,
+        task_weights={"ner": 1.0},
+        load_imbalance=[1.5],
+    )
+    zero = torch.tensor(0.0)
+    stats = RouterStats(0, zero, zero, torch.tensor([3, 0, 1, 0]), torch.tensor(0))
+    logger = RunLogger(tmp_path, enabled=True)
+    logger.log_step(1, [record], tokens_per_s=123.0, router_stats=[stats])
+    logger.close()
+    RunLogger(tmp_path / "off", enabled=False).log_step(1, [record], 1.0)  # rank != 0: nothing
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert events.Scalars("task_loss/ner")[0].value == pytest.approx(0.9)
+    assert events.Scalars("expert_load_imbalance/moe_layer_0")[0].value == pytest.approx(1.5)
+    histogram = events.Histograms("expert_load/moe_layer_0")[0].histogram_value
+    assert (histogram.num, histogram.min, histogram.max) == (4, 0, 2), "3 tokens on expert 0, 1 on expert 2"
+    assert not (tmp_path / "off").exists()
