@@ -198,7 +198,9 @@ def run(
     logger.close()
 
     # 6. Final evaluation, metrics.json, and the model gathered from every shard into an HF directory.
-    metrics, utilization = evaluate(engine.eval_forward, tasks, ("validation", "test"), collate)
+    metrics, utilization = evaluate(
+        engine.eval_forward, tasks, ("validation", "test"), collate, show_progress=show_progress and rank == 0
+    )
     if rank == 0:
         print(format_metrics_table(metrics))
         write_json_atomic(run_dir / "metrics.json", metrics)

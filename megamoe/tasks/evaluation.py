@@ -4,6 +4,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from ..data.collate import MultiTaskCollator
 from ..data.pipeline import TaskData
@@ -61,16 +62,14 @@ def evaluate(
     collate: MultiTaskCollator,
     *,
     batch_size: int = 64,
+    show_progress: bool = False,
 ) -> tuple[dict[str, dict[str, dict[str, float]]], ExpertUtilization]:
     """``{task: {split: metrics}}`` and the expert utilization seen on those splits."""
     utilization = ExpertUtilization()
-    metrics = {
-        name: {
-            split: evaluate_task(
-                forward, task, split, collate, batch_size=batch_size, utilization=utilization
-            )
-            for split in splits
-        }
-        for name, task in sorted(tasks.items())
-    }
+    jobs = [(name, split) for name in sorted(tasks) for split in splits]
+    metrics: dict[str, dict[str, dict[str, float]]] = {}
+    for name, split in tqdm(jobs, desc=f"evaluate ({', '.join(splits)})", disable=not show_progress):
+        metrics.setdefault(name, {})[split] = evaluate_task(
+            forward, tasks[name], split, collate, batch_size=batch_size, utilization=utilization
+        )
     return metrics, utilization
