@@ -1,0 +1,209 @@
+"""Training throughput of `megamoe train` on one GPU, with every optimizer step timed.
+
+    python bench/train_throughput.py OUT.json CONFIG.yaml [overrides ...]
+
+runs ``megamoe train CONFIG.yaml overrides...`` in this process (one rank, no launcher) and records, per
+optimizer step, the wall time at its end (the trainer reads the loss with ``float()``, which waits for the
+GPU), the padded micro-batch shape and the real (attention-mask) tokens. It also counts which expert path
+(``F.grouped_mm`` or the per-expert loop) ran. From a steady-state window (``--skip`` first steps left out)
+it reports step time, tokens/s and model FLOP utilization:
+
+    FLOPs per padded token = 6 * (active params - embedding params) + 12 * layers * seq_len * hidden
+
+(6N: forward + backward of every matmul weight a token uses; 12·L·s·h: QK^T and AV, forward + backward,
+s = the micro-batch's padded length). Nothing in the trainer or the model is changed.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from megamoe.cli import main as megamoe_main
+from megamoe.engine import trainer as trainer_module
+from megamoe.model import moe_experts
+
+PEAKS_TFLOPS = {"H100 SXM bf16 dense spec": 989.0, "8192^3 bf16 matmul measured on the device": 798.0}
+
+
+def instrument(profile: tuple[int, int] | None = None, profile_out: Path | None = None) -> dict:
+    log: dict = {"step_end": [], "shapes": [], "tokens": [], "expert_path": {"grouped_mm": 0, "loop": 0}}
+    fit, micro_step, supported = (
+        trainer_module.Trainer.fit,
+        trainer_module.Trainer._micro_step,
+        moe_experts._grouped_mm_supported,
+    )
+
+    def timed_fit(self):
+        inner = self.batches
+
+        def recorded():
+            for batch in inner:
+                log["shapes"].append(list(batch["input_ids"].shape))
+                yield batch
+
+        self.batches = recorded()
+        log["fit_start"] = time.perf_counter()
+        return fit(self)
+
+    def timed_micro_step(self, step):
+        if profile and step in (profile[0], profile[0] + profile[1]):
+            start_profiler(step == profile[0])
+        if profile and step in (profile[0] + profile[1] - 1, profile[0] + 2 * profile[1] - 1):
+            record, output = micro_step(self, step)
+            stop_profiler(step == profile[0] + profile[1] - 1)
+        else:
+            record, output = micro_step(self, step)
+        log["step_end"].append(time.perf_counter())
+        log["tokens"].append(record.tokens)
+        return record, output
+
+    # --profile START:COUNT: cProfile (host Python) over steps START.., then torch.profiler (CPU ops + CUDA
+    # kernels) over the next COUNT steps; tables go to PROFILE_OUT. Those steps' timings are perturbed.
+    profilers: dict = {}
+
+    def start_profiler(python: bool):
+        if python:
+            import cProfile
+
+            profilers["py"] = cProfile.Profile()
+            profilers["py"].enable()
+        else:
+            from torch.profiler import ProfilerActivity
+            from torch.profiler import profile as torch_profile
+
+            profilers["torch"] = torch_profile(
+                activities=[ProfilerActivity.CPU]
+                + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            )
+            profilers["torch"].__enter__()
+            profilers["torch_t0"] = time.perf_counter()
+
+    def stop_profiler(python: bool):
+        import io
+        import pstats
+
+        assert profile is not None and profile_out is not None
+        with open(profile_out, "a") as out:
+            if python:
+                profilers["py"].disable()
+                stream = io.StringIO()
+                pstats.Stats(profilers["py"], stream=stream).sort_stats("cumulative").print_stats(45)
+                out.write(
+                    f"### cProfile, steps {profile[0]}..{profile[0] + profile[1] - 1}\n{stream.getvalue()}\n"
+                )
+            else:
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                wall_us = 1e6 * (time.perf_counter() - profilers["torch_t0"])
+                prof = profilers["torch"]
+                prof.__exit__(None, None, None)
+                events = prof.key_averages()
+                kernel_us = sum(e.self_device_time_total for e in events)
+                out.write(
+                    f"### torch.profiler, {profile[1]} steps: wall {wall_us / 1e3:.1f} ms, GPU self time "
+                    f"{kernel_us / 1e3:.1f} ms ({100 * kernel_us / wall_us:.1f}% busy)\n"
+                )
+                out.write(events.table(sort_by="self_cpu_time_total", row_limit=30) + "\n")
+                out.write(events.table(sort_by="self_device_time_total", row_limit=20) + "\n")
+
+    def counted_supported(x, weight):
+        ok = supported(x, weight)
+        log["expert_path"]["grouped_mm" if ok else "loop"] += 1
+        return ok
+
+    trainer_module.Trainer.fit = timed_fit
+    trainer_module.Trainer._micro_step = timed_micro_step
+    moe_experts._grouped_mm_supported = counted_supported
+    return log
+
+
+def model_sizes(model_dir: Path) -> dict:
+    from transformers import AutoConfig
+
+    from megamoe.model import MegaMoEForMultiTask
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = MegaMoEForMultiTask(config)
+    return {
+        "total": model.num_parameters(),
+        "active": model.num_active_parameters(),
+        "embedding": model.get_input_embeddings().weight.numel(),
+        "layers": config.num_hidden_layers,
+        "hidden": config.hidden_size,
+    }
+
+
+def summarize(log: dict, sizes: dict, skip: int) -> dict:
+    ends = log["step_end"]
+    window = range(skip, len(ends))
+    step_s = [ends[i] - ends[i - 1] for i in window]
+    seconds = ends[-1] - ends[skip - 1]
+    shapes = [log["shapes"][i] for i in window]
+    padded = sum(b * s for b, s in shapes)
+    real = sum(log["tokens"][i] for i in window)
+    dense = 6 * (sizes["active"] - sizes["embedding"])
+    flops = sum(b * s * (dense + 12 * sizes["layers"] * s * sizes["hidden"]) for b, s in shapes)
+    tflops = flops / seconds / 1e12
+    return {
+        "steps_timed": len(step_s),
+        "first_step_s": ends[0] - log["fit_start"],
+        "step_ms_mean": 1e3 * seconds / len(step_s),
+        "step_ms_median": 1e3 * statistics.median(step_s),
+        "step_ms_p90": 1e3 * sorted(step_s)[int(0.9 * len(step_s))],
+        "mean_padded_len": statistics.mean(s for _, s in shapes),
+        "padded_tokens_per_s": padded / seconds,
+        "real_tokens_per_s": real / seconds,
+        "padding_fraction": 1 - real / padded,
+        "achieved_tflops": tflops,
+        "mfu": {name: tflops / peak for name, peak in PEAKS_TFLOPS.items()},
+    }
+
+
+def run() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", help="where the JSON summary goes")
+    parser.add_argument("config")
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--skip", type=int, default=50, help="warm-up steps left out of the summary")
+    parser.add_argument("--profile", help="START:COUNT: profile COUNT steps from START (see instrument)")
+    args = parser.parse_args()
+    profile = tuple(int(x) for x in args.profile.split(":")) if args.profile else None
+    log = instrument(profile, Path(args.out).with_suffix(".profile.txt"))
+    started = time.perf_counter()
+    code = megamoe_main(["train", args.config, *args.overrides])
+    wall = time.perf_counter() - started
+    if code:
+        return code
+    run_dir = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("run_dir=")), None)
+    if run_dir is None:
+        import yaml
+
+        run_dir = yaml.safe_load(Path(args.config).read_text())["run_dir"]
+    sizes = model_sizes(Path(run_dir) / "model")
+    summary = {
+        "command": sys.argv,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "max_memory_allocated_GiB": torch.cuda.max_memory_allocated() / 2**30
+        if torch.cuda.is_available()
+        else 0,
+        "wall_s_whole_command": wall,
+        "train_loop_s": log["step_end"][-1] - log["fit_start"],
+        "params": sizes,
+        "expert_path_calls": log["expert_path"],
+        **summarize(log, sizes, args.skip),
+        "per_step": {"end_s": [t - log["fit_start"] for t in log["step_end"]], "shape": log["shapes"]},
+    }
+    Path(args.out).write_text(json.dumps(summary, indent=1))
+    print(json.dumps({k: v for k, v in summary.items() if k != "per_step"}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run())
