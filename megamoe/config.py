@@ -29,6 +29,9 @@ HEADLINE_METRICS = {
 """Metrics a task can be judged by, the first being the default."""
 
 
+MODEL_INITS = ("upcycle", "pretrained", "hf_moe", "scratch")
+
+
 class ConfigError(ValueError):
     """A run config that cannot be used, with the dotted path of the offending field."""
 
@@ -86,9 +89,11 @@ class ModelSection:
 
     init: str = "upcycle"
     """`upcycle` (a dense BERT-family checkpoint turned into MoE), `pretrained` (a MegaMoE checkpoint),
-    or `scratch` (random init from `architecture`)."""
+    `hf_moe` (a published HF MoE model — Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE, DeepSeek-V2/V3 — as the
+    shared backbone) or `scratch` (random init from `architecture`)."""
     base: str | None = None
-    """Dense checkpoint (upcycle) or MegaMoE checkpoint (pretrained): local directory or Hub id."""
+    """Dense checkpoint (upcycle), MegaMoE checkpoint (pretrained) or HF MoE model (hf_moe): local directory
+    or Hub id."""
     tokenizer: str | None = None
     """Tokenizer directory or Hub id; defaults to `base`."""
     architecture: dict[str, Any] = field(default_factory=dict)
@@ -98,9 +103,9 @@ class ModelSection:
 
     def __post_init__(self) -> None:
         _check(
-            self.init in ("upcycle", "pretrained", "scratch"),
+            self.init in MODEL_INITS,
             "init",
-            f"{self.init!r} is not one of upcycle, pretrained, scratch",
+            f"{self.init!r} is not one of {', '.join(MODEL_INITS)}",
         )
         _check(
             self.init == "scratch" or self.base is not None,
@@ -215,14 +220,6 @@ class ParallelSection:
             not (self.offload_optimizer and self.zero_stage == 0),
             "offload_optimizer",
             "ZeRO-Offload needs zero_stage >= 1",
-        )
-        _check(
-            not (self.zero_stage == 3 and self.expert_parallel_size > 1),
-            "zero_stage",
-            "ZeRO-3 with expert_parallel_size > 1 is not available for MegaMoE experts: DeepSpeed partitions "
-            "expert parameters under ZeRO-3 only for AutoEP layers, whose own router and SwiGLU-without-bias "
-            "experts would replace MegaMoE's (padding-masked losses, task-aware routing, BERT-style experts). "
-            "Use zero_stage 1 or 2 with expert parallelism, or expert_parallel_size: 1 with ZeRO-3",
         )
         _check(self.timeout_minutes > 0, "timeout_minutes", f"must be > 0, got {self.timeout_minutes}")
 

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import yaml
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from .checkpoint import upcycle_pretrained
+from .checkpoint import hf_moe_config, load_hf_moe, upcycle_pretrained
 from .checkpoint.builtin_models import resolve_model_source
 from .checkpoint.export import export_checkpoint
 from .checkpoint.model_card import RUN_CONFIG_FILENAME, save_model_card
@@ -63,6 +63,14 @@ def build_model(
             seed=config.train.seed,
             **section.architecture,
         )
+    if section.init == "hf_moe":
+        assert section.base is not None  # validated by ModelSection
+        return load_hf_moe(
+            resolve_model_source(section.base, config.data.cache_dir),
+            tasks=task_specs,
+            seed=config.train.seed,
+            **section.architecture,
+        )
     if section.init == "pretrained":
         assert section.base is not None  # validated by ModelSection
         base = resolve_model_source(section.base, config.data.cache_dir)
@@ -82,16 +90,16 @@ def build_model(
     return MegaMoEForMultiTask(MegaMoEConfig(tasks=task_specs, **architecture))
 
 
-def declared_num_experts(config: ExperimentConfig) -> int | None:
-    """Experts per MoE layer the run will build (None for a dense model), known before any heavy work."""
-    if config.model.init == "pretrained":
-        assert config.model.base is not None  # validated by ModelSection
-        model_config = MegaMoEConfig.from_pretrained(
-            resolve_model_source(config.model.base, config.data.cache_dir)
-        )
-    else:
-        model_config = MegaMoEConfig(**{"tasks": {}, **config.model.architecture})
-    return model_config.num_experts if model_config.moe_layer_freq > 0 else None
+def declared_model_config(config: ExperimentConfig) -> MegaMoEConfig:
+    """The architecture the run will build, read from config files only (before any heavy work)."""
+    section = config.model
+    if section.init in ("pretrained", "hf_moe"):
+        assert section.base is not None  # validated by ModelSection
+        base = resolve_model_source(section.base, config.data.cache_dir)
+        if section.init == "hf_moe":
+            return hf_moe_config(base, tasks={}, **section.architecture)
+        return MegaMoEConfig.from_pretrained(base)
+    return MegaMoEConfig(**{"tasks": {}, **section.architecture})
 
 
 def run(
@@ -101,10 +109,7 @@ def run(
     run_dir = Path(config.run_dir)
     # 0. Refuse a config that does not fit the launched ranks, before any data, model or collective work.
     check_topology(
-        config.train,
-        config.parallel,
-        world_size=launch_world_size(),
-        num_experts=declared_num_experts(config),
+        config.train, config.parallel, world_size=launch_world_size(), model=declared_model_config(config)
     )
     torch.manual_seed(config.train.seed)
 

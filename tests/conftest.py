@@ -44,3 +44,52 @@ BERT_STYLE = dict(
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# Tiny random configs of every supported HF MoE backbone: 2 layers, 4 experts, top-2 (4 % 2 == 0 for EP 2).
+_HF_MOE_SIZES = dict(
+    vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64
+)
+HF_MOE_TINY = {
+    "qwen3_moe": dict(num_key_value_heads=2, intermediate_size=64, num_experts=4, moe_intermediate_size=16),
+    "qwen2_moe": dict(
+        num_key_value_heads=2,
+        intermediate_size=64,
+        num_experts=4,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=16,
+    ),
+    "mixtral": dict(num_key_value_heads=2, intermediate_size=16, num_local_experts=4),
+    "olmoe": dict(num_key_value_heads=2, intermediate_size=16, num_experts=4, eos_token_id=None),
+    "deepseek_v2": dict(
+        intermediate_size=64,
+        n_routed_experts=4,
+        moe_intermediate_size=16,
+        first_k_dense_replace=0,
+        kv_lora_rank=16,
+        q_lora_rank=None,
+        qk_rope_head_dim=4,
+        qk_nope_head_dim=4,
+        v_head_dim=8,
+    ),
+    "deepseek_v3": dict(
+        intermediate_size=64,
+        n_routed_experts=4,
+        moe_intermediate_size=16,
+        first_k_dense_replace=1,
+        n_group=2,
+        topk_group=1,
+        kv_lora_rank=16,
+        q_lora_rank=None,
+        qk_rope_head_dim=4,
+        qk_nope_head_dim=4,
+        v_head_dim=8,
+    ),
+}
+
+
+def tiny_hf_moe_config(model_type: str):
+    """A random-init-sized config of an HF MoE architecture (a `transformers.PreTrainedConfig`)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(model_type, num_experts_per_tok=2, **_HF_MOE_SIZES, **HF_MOE_TINY[model_type])

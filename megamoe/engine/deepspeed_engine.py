@@ -22,6 +22,7 @@ from torch import nn
 from torch.distributed import distributed_c10d
 
 from ..config import ParallelSection, TrainSection
+from ..model import MegaMoEConfig
 from .expert_parallel import shard_experts
 
 # Parameters that get no weight decay: biases and norm weights (BERT/RoBERTa fine-tuning practice).
@@ -44,10 +45,19 @@ def user_deepspeed_config_path(parallel: ParallelSection) -> str | None:
 
 
 def check_topology(
-    train: TrainSection, parallel: ParallelSection, *, world_size: int, num_experts: int | None
+    train: TrainSection, parallel: ParallelSection, *, world_size: int, model: MegaMoEConfig
 ) -> None:
     """Refuse, with what to change, every combination DeepSpeed would refuse later or silently get wrong."""
     ep = parallel.expert_parallel_size
+    num_experts = model.num_experts if model.moe_layer_freq > 0 else None
+    if parallel.zero_stage == 3 and ep > 1 and model.backbone is None:
+        raise TopologyError(
+            "ZeRO-3 with expert_parallel_size > 1 is not available for MegaMoE's own experts: DeepSpeed "
+            "partitions expert parameters under ZeRO-3 only for AutoEP layers (HF MoE backbones, "
+            "model.init: hf_moe), whose router would replace MegaMoE's (padding-masked losses, task-aware "
+            "routing, BERT-style experts). Use zero_stage 1 or 2 with expert parallelism, or "
+            "expert_parallel_size: 1 with ZeRO-3"
+        )
     if ep > 1 and num_experts is None:
         raise TopologyError(f"parallel.expert_parallel_size={ep} but the model has no MoE layers")
     if num_experts is not None and num_experts % ep:

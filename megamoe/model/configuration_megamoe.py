@@ -9,15 +9,34 @@ import typing
 from dataclasses import field
 from typing import Any
 
-from transformers import PreTrainedConfig
+from transformers import AutoConfig, PreTrainedConfig
 
 TASK_TYPES = ("sequence_classification", "token_classification", "sequence_regression")
+
+# HF MoE architectures that can be the shared backbone: model_type -> (experts field, expert width field).
+# Field names as read from the config object. Each records its router logits (`output_router_logits`) and
+# keeps its experts at `layers.N.mlp.experts`.
+HF_MOE_BACKBONES = {
+    "qwen3_moe": ("num_experts", "moe_intermediate_size"),
+    "qwen2_moe": ("num_experts", "moe_intermediate_size"),
+    "mixtral": ("num_local_experts", "intermediate_size"),
+    "olmoe": ("num_experts", "intermediate_size"),
+    "deepseek_v2": ("n_routed_experts", "moe_intermediate_size"),
+    "deepseek_v3": ("n_routed_experts", "moe_intermediate_size"),
+}
+# Router features of MegaMoE's own MoE layers that an HF backbone's router does not have.
+_OWN_ROUTER_ONLY = {
+    "capacity_factor": None,
+    "router_jitter_noise": 0.0,
+    "num_shared_experts": 0,
+    "task_aware_routing": False,
+}
 _CHOICES = {
     "mlp_type": ("mlp", "glu"),
     "norm_type": ("layernorm", "rmsnorm"),
     "norm_position": ("pre", "post"),
     "position_embedding_type": ("absolute", "rope"),
-    "classifier_pooling": ("cls", "mean"),
+    "classifier_pooling": ("cls", "mean", "last"),
     "hidden_act": ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu"),
 }
 
@@ -53,7 +72,8 @@ class MegaMoEConfig(PreTrainedConfig):
         hidden_dropout_prob: Dropout on embeddings and sublayer outputs.
         attention_probs_dropout_prob: Dropout on attention probabilities.
         classifier_dropout: Dropout in task heads; `None` reuses `hidden_dropout_prob`.
-        classifier_pooling: How sequence heads pool tokens: `"cls"` (first token) or `"mean"` (over non-padding).
+        classifier_pooling: How sequence heads pool tokens: `"cls"` (first token), `"mean"` (over non-padding)
+            or `"last"` (last non-padding token: the one a causal backbone lets see the whole sequence).
         initializer_range: Std of the normal initializer.
         moe_intermediate_size: Width of one expert.
         num_experts: Number of routed experts per MoE layer.
@@ -70,6 +90,10 @@ class MegaMoEConfig(PreTrainedConfig):
             width `num_shared_experts * moe_intermediate_size`.
         task_aware_routing: The router also sees a learned per-task embedding, so tasks can specialize experts.
         tasks: Task name → `{"type": one of TASK_TYPES, "labels": [...]}` (labels for classification tasks).
+        backbone: An HF MoE model's config (`PreTrainedConfig.to_dict()`, model_type one of `HF_MOE_BACKBONES`:
+            Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE, DeepSeek-V2/V3) that replaces MegaMoE's own embeddings and
+            layers; heads and router losses stay MegaMoE's. The size fields (`hidden_size`, `num_experts`, ...)
+            then mirror the backbone's and are set from it.
     """
 
     model_type = "megamoe"
@@ -107,10 +131,13 @@ class MegaMoEConfig(PreTrainedConfig):
     num_shared_experts: int = 0
     task_aware_routing: bool = False
     tasks: dict[str, Any] = field(default_factory=dict)
+    backbone: dict[str, Any] | None = None
     pad_token_id: int | None = 0
 
     def __post_init__(self, **kwargs):
         self._validate_types()
+        if self.backbone is not None:
+            self._mirror_backbone()
         self._validate_architecture()
         self._validate_moe()
         self.tasks = {name: _normalized_task(name, spec) for name, spec in self.tasks.items()}
@@ -184,6 +211,44 @@ class MegaMoEConfig(PreTrainedConfig):
             self.num_shared_experts >= 0, "num_shared_experts", f"must be >= 0, got {self.num_shared_experts}"
         )
 
+    def _mirror_backbone(self) -> None:
+        """Take the sizes from the HF backbone's config, refusing router features it does not have."""
+        assert self.backbone is not None
+        model_type = str(self.backbone.get("model_type"))
+        _require(
+            model_type in HF_MOE_BACKBONES,
+            "backbone",
+            f"model_type {model_type!r} is not one of {sorted(HF_MOE_BACKBONES)}",
+        )
+        for name, default in _OWN_ROUTER_ONLY.items():
+            _require(
+                getattr(self, name) == default,
+                name,
+                f"MegaMoE's own router only; the {model_type} backbone routes with its own router",
+            )
+        _require(
+            self.classifier_pooling != "cls",
+            "classifier_pooling",
+            f"the first token of a causal {model_type} backbone sees only itself: use 'last' or 'mean'",
+        )
+        # The config object, not the dict: transformers 5 aliases fields per architecture (attribute_map).
+        hf_config = AutoConfig.for_model(**self.backbone)
+        experts_field, width_field = HF_MOE_BACKBONES[model_type]
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+        ):
+            setattr(self, name, getattr(hf_config, name))
+        self.max_position_embeddings = hf_config.max_position_embeddings
+        self.num_experts = getattr(hf_config, experts_field)
+        self.num_experts_per_tok = hf_config.num_experts_per_tok
+        self.moe_intermediate_size = getattr(hf_config, width_field)
+        self.norm_topk_prob = getattr(hf_config, "norm_topk_prob", True)
+        self.moe_layer_freq = 1  # "has MoE layers"; which layers are MoE is the backbone's own pattern
+
     def is_moe_layer(self, layer_idx: int) -> bool:
         return self.moe_layer_freq > 0 and (layer_idx + 1) % self.moe_layer_freq == 0
 
@@ -228,4 +293,4 @@ def _normalized_task(name: str, spec: Any) -> dict[str, Any]:
     return {"type": task_type, "labels": labels}
 
 
-__all__ = ["TASK_TYPES", "MegaMoEConfig"]
+__all__ = ["HF_MOE_BACKBONES", "TASK_TYPES", "MegaMoEConfig"]

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
@@ -22,6 +22,7 @@ from transformers.utils import ModelOutput
 from .configuration_megamoe import MegaMoEConfig
 from .moe_experts import FeedForward, GroupedExperts
 from .moe_layer import MoEFeedForward, RouterStats
+from .moe_losses import load_balancing_loss, router_z_loss
 from .moe_router import TopKRouter
 
 IGNORE_INDEX = -100
@@ -233,11 +234,14 @@ class MegaMoEPreTrainedModel(PreTrainedModel):
 
     def num_active_parameters(self) -> int:
         """Parameters one token uses: everything but the routed experts it is not sent to (all heads counted)."""
-        inactive = 0.0
-        for module in self.modules():
-            if isinstance(module, MoEFeedForward):
-                expert_params = sum(p.numel() for p in module.experts.parameters())
-                inactive += expert_params * (1 - module.router.top_k / module.num_experts)
+        # Routed experts sit at `layers.N.mlp.experts` in MegaMoE and in every supported HF MoE backbone.
+        routed = sum(
+            p.numel()
+            for name, module in self.named_modules()
+            if name.endswith("mlp.experts")
+            for p in module.parameters()
+        )
+        inactive = routed * (1 - self.config.num_experts_per_tok / self.config.num_experts)
         return self.num_parameters() - round(inactive)
 
 
@@ -319,6 +323,84 @@ class MegaMoEModel(MegaMoEPreTrainedModel):
         )
 
 
+class MegaMoEHFBackbone(nn.Module):
+    """The shared backbone taken from an HF MoE model (`config.backbone`: Qwen3-MoE, Mixtral, OLMoE, ...).
+
+    The HF base model (no LM head) runs with its own attention, routing and experts; MegaMoE computes the
+    router losses and statistics from the router logits it records, with padding masked out for every k
+    (HF's base models compute no aux loss, and its LM heads count padding for k > 1). The chosen experts
+    are the top-k of the logits: exact for softmax-then-top-k routers (Qwen, Mixtral, OLMoE, DeepSeek-V2
+    greedy); an approximation for group-limited or bias-corrected routing (DeepSeek-V3), which only the
+    statistics use.
+    """
+
+    def __init__(self, config: MegaMoEConfig):
+        super().__init__()
+        assert config.backbone is not None
+        self.num_experts = config.num_experts
+        self.top_k = config.num_experts_per_tok
+        self.backbone = AutoModel.from_config(AutoConfig.for_model(**config.backbone))
+        # Which layers route (e.g. DeepSeek's first dense layers do not), read before any engine swaps modules.
+        self.moe_layer_indices = [
+            i for i, layer in enumerate(self.backbone.layers) if hasattr(layer.mlp, "experts")
+        ]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        task_id: int | None = None,
+        output_hidden_states: bool = False,
+    ) -> MegaMoEModelOutput:
+        if token_type_ids is not None and bool(token_type_ids.any()):
+            raise ValueError(f"a {self.backbone.config.model_type} backbone has no token types")
+        token_mask_BS = (
+            torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        )
+        out = self.backbone(
+            input_ids=input_ids,
+            attention_mask=token_mask_BS.long(),
+            position_ids=position_ids,
+            use_cache=False,
+            output_router_logits=True,
+            output_hidden_states=output_hidden_states,
+        )
+        token_mask_T = token_mask_BS.reshape(-1)
+        router_stats = [
+            self._router_stats(layer_idx, logits_TE.float(), token_mask_T)
+            for layer_idx, logits_TE in zip(self.moe_layer_indices, out.router_logits, strict=True)
+        ]
+        return MegaMoEModelOutput(
+            last_hidden_state=out.last_hidden_state,
+            hidden_states=out.hidden_states,
+            router_stats=router_stats,
+        )
+
+    def _router_stats(
+        self, layer_idx: int, logits_TE: torch.Tensor, token_mask_T: torch.Tensor
+    ) -> RouterStats:
+        probs_TE = logits_TE.softmax(dim=-1)
+        expert_ids_TK = logits_TE.topk(self.top_k, dim=-1).indices
+        with torch.no_grad():
+            tokens_per_expert_E = torch.bincount(
+                expert_ids_TK[token_mask_T[:, None].expand_as(expert_ids_TK)], minlength=self.num_experts
+            )
+        return RouterStats(
+            layer_idx=layer_idx,
+            aux_loss=load_balancing_loss(
+                router_probs_TE=probs_TE,
+                expert_ids_TK=expert_ids_TK,
+                token_mask_T=token_mask_T,
+                num_experts=self.num_experts,
+            ),
+            z_loss=router_z_loss(router_logits_TE=logits_TE, token_mask_T=token_mask_T),
+            tokens_per_expert=tokens_per_expert_E,
+            dropped_tokens=tokens_per_expert_E.new_zeros(()),
+        )
+
+
 def classifier_dropout(config: MegaMoEConfig) -> float:
     """Dropout of the task heads: ``classifier_dropout``, or the hidden dropout when it is unset (BERT)."""
     return config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
@@ -337,6 +419,13 @@ class MegaMoESequenceHead(nn.Module):
     def forward(self, hidden_BSD: torch.Tensor, token_mask_BS: torch.Tensor) -> torch.Tensor:
         if self.pooling == "cls":
             pooled_BD = hidden_BSD[:, 0]
+        elif self.pooling == "last":
+            # The last real token of each row, wherever the padding is (left or right).
+            positions_BS = torch.arange(token_mask_BS.shape[1], device=token_mask_BS.device).expand_as(
+                token_mask_BS
+            )
+            last_B = torch.where(token_mask_BS, positions_BS, -1).amax(dim=1).clamp(min=0)
+            pooled_BD = hidden_BSD[torch.arange(hidden_BSD.shape[0], device=hidden_BSD.device), last_B]
         else:
             weights_BS1 = token_mask_BS[..., None].to(hidden_BSD.dtype)
             pooled_BD = (hidden_BSD * weights_BS1).sum(1) / weights_BS1.sum(1).clamp(min=1.0)
@@ -391,7 +480,7 @@ class MegaMoEForMultiTask(MegaMoEPreTrainedModel):
 
     def __init__(self, config: MegaMoEConfig):
         super().__init__(config)
-        self.model = MegaMoEModel(config)
+        self.model = MegaMoEModel(config) if config.backbone is None else MegaMoEHFBackbone(config)
         head_classes = {
             "sequence_classification": MegaMoESequenceHead,
             "sequence_regression": MegaMoESequenceHead,
@@ -461,4 +550,4 @@ class MegaMoEForMultiTask(MegaMoEPreTrainedModel):
         )
 
 
-__all__ = ["MegaMoEForMultiTask", "MegaMoEModel", "MegaMoEPreTrainedModel"]
+__all__ = ["MegaMoEForMultiTask", "MegaMoEHFBackbone", "MegaMoEModel", "MegaMoEPreTrainedModel"]

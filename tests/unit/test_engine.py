@@ -6,8 +6,9 @@ import re
 
 import pytest
 import torch
+from transformers import AutoConfig
 
-from megamoe import MegaMoEForMultiTask
+from megamoe import MegaMoEConfig, MegaMoEForMultiTask
 from megamoe.config import ParallelSection, TrainSection
 from megamoe.engine.deepspeed_engine import (
     Engine,
@@ -102,13 +103,34 @@ def test_a_tiny_model_learns_every_task(tmp_path):
 def test_topology_errors_say_what_to_change(train, parallel, world_size, num_experts, message):
     with pytest.raises(TopologyError, match=re.escape(message)):
         check_topology(
-            TrainSection(**train), ParallelSection(**parallel), world_size=world_size, num_experts=num_experts
+            TrainSection(**train),
+            ParallelSection(**parallel),
+            world_size=world_size,
+            model=model_shape(num_experts),
         )
+
+
+def model_shape(num_experts: int | None, **kwargs) -> MegaMoEConfig:
+    moe = {"num_experts": num_experts} if num_experts else {"moe_layer_freq": 0}
+    return MegaMoEConfig(**moe, **kwargs)
 
 
 def test_a_topology_that_fits_passes():
     train = TrainSection(micro_batch_size=4, gradient_accumulation_steps=2, global_batch_size=32)
-    check_topology(train, ParallelSection(expert_parallel_size=2), world_size=4, num_experts=8)
+    check_topology(train, ParallelSection(expert_parallel_size=2), world_size=4, model=model_shape(8))
+
+
+def test_zero3_with_expert_parallelism_is_for_hf_moe_backbones_only():
+    parallel = ParallelSection(zero_stage=3, expert_parallel_size=2)
+    with pytest.raises(TopologyError, match="not available for MegaMoE's own experts"):
+        check_topology(TrainSection(), parallel, world_size=2, model=model_shape(8))
+    backbone = AutoConfig.for_model("qwen3_moe", num_experts=8, num_experts_per_tok=2).to_dict()
+    check_topology(
+        TrainSection(),
+        parallel,
+        world_size=2,
+        model=model_shape(8, backbone=backbone, classifier_pooling="last"),
+    )
 
 
 def test_deepspeed_config_offloads_the_optimizer_when_asked():
@@ -148,7 +170,7 @@ def test_accelerate_launch_settings_are_honoured_or_refused(monkeypatch, tmp_pat
     with pytest.raises(
         TopologyError, match=r"accelerate launch asked for ZeRO stage 3 but parallel\.zero_stage=2"
     ):
-        check_topology(TrainSection(), ParallelSection(zero_stage=2), world_size=1, num_experts=8)
+        check_topology(TrainSection(), ParallelSection(zero_stage=2), world_size=1, model=model_shape(8))
 
 
 def test_run_logger_writes_scalars_and_expert_load_histograms(tmp_path):

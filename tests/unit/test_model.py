@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from megamoe import MegaMoEForMultiTask, MegaMoEModel
-from tests.conftest import BERT_STYLE, tiny_config
+from tests.conftest import BERT_STYLE, tiny_config, tiny_hf_moe_config
 
 ARCHITECTURES = {"modern": {}, "bert": BERT_STYLE}
 
@@ -146,8 +146,20 @@ def test_save_and_load_give_identical_logits(tmp_path, arch):
         assert torch.equal(loaded(ids, mask, task=task).logits, model(ids, mask, task=task).logits)
 
 
-def test_automodel_remote_code_in_a_process_without_megamoe(tmp_path):
-    model = MegaMoEForMultiTask(tiny_config(capacity_factor=2.0, num_shared_experts=1)).eval()
+@pytest.mark.parametrize(
+    "config",
+    [
+        pytest.param(lambda: tiny_config(capacity_factor=2.0, num_shared_experts=1), id="megamoe"),
+        pytest.param(
+            lambda: tiny_config(
+                backbone=tiny_hf_moe_config("qwen3_moe").to_dict(), classifier_pooling="last"
+            ),
+            id="qwen3_moe-backbone",
+        ),
+    ],
+)
+def test_automodel_remote_code_in_a_process_without_megamoe(tmp_path, config):
+    model = MegaMoEForMultiTask(config()).eval()
     model_dir = tmp_path / "model"
     model.save_pretrained(model_dir)
     shipped = sorted(p.name for p in model_dir.glob("*.py"))
@@ -164,6 +176,7 @@ def test_automodel_remote_code_in_a_process_without_megamoe(tmp_path):
     expected = {task: model(ids, mask, task=task).logits for task in ("topic", "ner")}
     torch.save({"ids": ids, "mask": mask, "expected": expected}, tmp_path / "reference.pt")
 
+    backbone_type = (model.config.backbone or {}).get("model_type")
     script = textwrap.dedent(
         f"""
         import sys
@@ -173,7 +186,8 @@ def test_automodel_remote_code_in_a_process_without_megamoe(tmp_path):
 
         ref = torch.load({str(tmp_path / "reference.pt")!r})
         config = AutoConfig.from_pretrained({str(model_dir)!r}, trust_remote_code=True)
-        assert config.model_type == "megamoe" and config.capacity_factor == 2.0, config
+        backbone_type = (config.backbone or {{}}).get("model_type")
+        assert config.model_type == "megamoe" and backbone_type == {backbone_type!r}, config
         model = AutoModel.from_pretrained({str(model_dir)!r}, trust_remote_code=True).eval()
         assert type(model).__name__ == "MegaMoEForMultiTask", type(model)
         assert type(model).__module__.startswith("transformers_modules."), type(model).__module__

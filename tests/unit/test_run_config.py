@@ -79,10 +79,6 @@ def test_dotted_overrides(tmp_path):
         (["train"], "override 'train' is not of the form section.key=value"),
         (["parallel.zero_stage=4"], "parallel.zero_stage: must be 0, 1, 2 or 3, got 4"),
         (
-            ["parallel.zero_stage=3", "parallel.expert_parallel_size=2"],
-            "parallel.zero_stage: ZeRO-3 with expert_parallel_size > 1 is not available for MegaMoE experts",
-        ),
-        (
             ["parallel.zero_stage=0", "parallel.offload_optimizer=true"],
             "parallel.offload_optimizer: ZeRO-Offload needs zero_stage >= 1",
         ),
