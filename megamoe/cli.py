@@ -26,6 +26,8 @@ def describe(args: argparse.Namespace) -> int:
         model = MegaMoEForMultiTask(config)
     moe_layers = [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
     total, active = model.num_parameters(), model.num_active_parameters()
+    if config.backbone is not None:
+        print(f"backbone          HF {config.backbone['model_type']} (its own attention, router and experts)")
     print(f"layers            {config.num_hidden_layers} (MoE: {moe_layers or 'none, dense'})")
     print(f"hidden / heads    {config.hidden_size} / {config.num_attention_heads}")
     if moe_layers:

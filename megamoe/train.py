@@ -117,6 +117,8 @@ def run(
     tokenizer_source = config.model.tokenizer or config.model.base
     assert tokenizer_source is not None  # validated by ModelSection
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_source(tokenizer_source, config.data.cache_dir))
+    if tokenizer.pad_token is None:  # causal LMs (Mixtral, ...) ship none; padding is masked out anyway
+        tokenizer.pad_token = tokenizer.eos_token
     tasks = prepare_task_data(config, tokenizer)
 
     # 2. Model and objective (task heads + loss weighting + router losses).

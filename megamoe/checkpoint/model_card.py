@@ -311,9 +311,10 @@ def _moe_layers(config: MegaMoEConfig) -> list[int]:
 
 def _summary(config: MegaMoEConfig, base_model: str | None) -> str:
     moe = _moe_layers(config)
+    kind = "encoder" if config.backbone is None else f"`{config.backbone['model_type']}` decoder backbone"
     if moe:
         shape = (
-            f"a sparse Mixture-of-Experts encoder: {len(moe)} of its {config.num_hidden_layers} layers route "
+            f"a sparse Mixture-of-Experts {kind}: {len(moe)} of its {config.num_hidden_layers} layers route "
             f"each token to {config.num_experts_per_tok} of {config.num_experts} experts"
         )
     else:
@@ -343,6 +344,7 @@ def _architecture_table(config: MegaMoEConfig, model_dir: Path) -> str:
     total, active = model.num_parameters(), model.num_active_parameters()
     moe = _moe_layers(config)
     rows: list[list[Any]] = [
+        ["backbone", "MegaMoE" if config.backbone is None else f"HF `{config.backbone['model_type']}`"],
         ["layers", config.num_hidden_layers],
         ["hidden size / attention heads", f"{config.hidden_size} / {config.num_attention_heads}"],
     ]
@@ -354,11 +356,14 @@ def _architecture_table(config: MegaMoEConfig, model_dir: Path) -> str:
             ["MoE layers", f"{len(moe)} of {config.num_hidden_layers} (layers {', '.join(map(str, moe))})"],
             ["experts per MoE layer", config.num_experts],
             ["experts per token (top-k)", config.num_experts_per_tok],
-            ["shared experts", config.num_shared_experts],
             ["expert width", config.moe_intermediate_size],
-            ["token dropping", capacity],
-            ["task-aware routing", "yes" if config.task_aware_routing else "no"],
         ]
+        if config.backbone is None:  # an HF backbone routes with its own router: none of these apply
+            rows += [
+                ["shared experts", config.num_shared_experts],
+                ["token dropping", capacity],
+                ["task-aware routing", "yes" if config.task_aware_routing else "no"],
+            ]
     rows += [
         ["total parameters", f"{total:,}"],
         ["active parameters per token", f"{active:,} ({active / total:.0%})"],

@@ -247,9 +247,11 @@ class MegaMoEConfig(PreTrainedConfig):
         self.num_experts_per_tok = hf_config.num_experts_per_tok
         self.moe_intermediate_size = getattr(hf_config, width_field)
         self.norm_topk_prob = getattr(hf_config, "norm_topk_prob", True)
-        self.moe_layer_freq = 1  # "has MoE layers"; which layers are MoE is the backbone's own pattern
+        self.moe_layer_freq = 1  # "has MoE layers"; which ones is the backbone's own pattern (is_moe_layer)
 
     def is_moe_layer(self, layer_idx: int) -> bool:
+        if self.backbone is not None:
+            return _routes(AutoConfig.for_model(**self.backbone), layer_idx)
         return self.moe_layer_freq > 0 and (layer_idx + 1) % self.moe_layer_freq == 0
 
     @property
@@ -260,6 +262,18 @@ class MegaMoEConfig(PreTrainedConfig):
     def num_task_outputs(self, task: str) -> int:
         spec = self.tasks[task]
         return 1 if spec["type"] == "sequence_regression" else len(spec["labels"])
+
+
+def _routes(hf_config: Any, layer_idx: int) -> bool:
+    """Whether layer ``layer_idx`` of an HF MoE backbone is sparse, by the rule its modeling file applies."""
+    if hf_config.model_type in ("qwen2_moe", "qwen3_moe"):
+        return (
+            layer_idx not in hf_config.mlp_only_layers
+            and (layer_idx + 1) % hf_config.decoder_sparse_step == 0
+        )
+    if hf_config.model_type in ("deepseek_v2", "deepseek_v3"):
+        return layer_idx >= hf_config.first_k_dense_replace
+    return True  # Mixtral, OLMoE: every layer
 
 
 def _require(condition: bool, field_name: str, message: str) -> None:

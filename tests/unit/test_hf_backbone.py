@@ -29,6 +29,8 @@ def right_padded(lengths=(9, 6, 3), vocab=64):
 def test_backbone_runs_every_task_with_masked_router_losses(model_type):
     model = backbone_model(model_type)
     assert model.config.num_experts == 4 and model.config.hidden_size == 32
+    declared = [i for i in range(2) if model.config.is_moe_layer(i)]
+    assert declared == model.model.moe_layer_indices == ([1] if model_type == "deepseek_v3" else [0, 1])
     ids, mask = right_padded()
     ner_labels = torch.randint(0, 5, ids.shape).masked_fill(mask == 0, -100)
     out = model(ids, mask, task="ner", labels=ner_labels)
