@@ -66,7 +66,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
             if not tag_dir.is_dir():
                 raise CheckpointError(f"{latest} names {tag_dir.name}, which does not exist")
             return tag_dir
-    if (path / "mp_rank_00_model_states.pt").is_file():
+    if (path / RUN_INFO).is_file():  # a step directory (ZeRO-3 ones have no mp_rank_00 file)
         return path
     raise CheckpointError(
         f"no checkpoint at {path}: expected a run directory, its checkpoints/ directory (with a "

@@ -23,6 +23,7 @@ from torch.distributed import distributed_c10d
 
 from ..config import ParallelSection, TrainSection
 from ..model import MegaMoEConfig
+from .autoep import autoep_section, hf_backbone, record_router_logits
 from .expert_parallel import shard_experts
 
 # Parameters that get no weight decay: biases and norm weights (BERT/RoBERTa fine-tuning practice).
@@ -277,7 +278,13 @@ class Engine:
         init_distributed(timeout_minutes)
         self.timeout_minutes = timeout_minutes
         self.micro_steps = 0
-        if expert_parallel_size > 1:
+        backbone = hf_backbone(module)
+        if expert_parallel_size > 1 and backbone is not None:
+            # DeepSpeed AutoEP swaps the HF backbone's MoE blocks at initialize; it reads the architecture
+            # (experts, top-k, routing groups) from the root module's `config`.
+            config = {**config, "expert_parallel": autoep_section(module, expert_parallel_size)}
+            setattr(module, "config", backbone[1].config)  # noqa: B010 (nn.Module typing of attributes)
+        elif expert_parallel_size > 1:
             shard_experts(module, expert_parallel_size)
         if run_dir is not None and dist.get_rank() == 0:
             Path(run_dir).mkdir(parents=True, exist_ok=True)
@@ -286,6 +293,8 @@ class Engine:
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=module, model_parameters=parameter_groups(module, weight_decay), config=config
         )
+        if "expert_parallel" in config:
+            record_router_logits(module)
 
     @property
     def device(self) -> torch.device:

@@ -334,16 +334,18 @@ class MegaMoEHFBackbone(nn.Module):
     statistics use.
     """
 
+    backbone: PreTrainedModel
+    """The HF base model (``Qwen3MoeModel``, ``MixtralModel``, ...)."""
+
     def __init__(self, config: MegaMoEConfig):
         super().__init__()
         assert config.backbone is not None
         self.num_experts = config.num_experts
         self.top_k = config.num_experts_per_tok
         self.backbone = AutoModel.from_config(AutoConfig.for_model(**config.backbone))
-        # Which layers route (e.g. DeepSeek's first dense layers do not), read before any engine swaps modules.
-        self.moe_layer_indices = [
-            i for i, layer in enumerate(self.backbone.layers) if hasattr(layer.mlp, "experts")
-        ]
+        # Which layers route (DeepSeek's first layers and Qwen's mlp_only_layers do not): one router-logit
+        # tensor comes back per MoE layer, in this order.
+        self.moe_layer_indices = [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
 
     def forward(
         self,

@@ -18,21 +18,24 @@ from megamoe.engine.deepspeed_engine import Engine, deepspeed_config, launch_wor
 from megamoe.model import MegaMoEForMultiTask
 from megamoe.tasks.objective import MultiTaskObjective
 from megamoe.tasks.weighting import build_weighting
-from tests.conftest import TASKS, tiny_config
+from tests.conftest import TASKS, tiny_config, tiny_hf_moe_config
 
 GLOBAL_BATCH, SEQ_LEN, VOCAB = 8, 12, 64  # VOCAB: tiny_config's vocabulary
 
 
-def tiny_model(num_experts: int) -> MegaMoEForMultiTask:
+def tiny_model(num_experts: int, backbone: str | None = None) -> MegaMoEForMultiTask:
     torch.manual_seed(0)
+    architecture: dict = {"num_experts": num_experts}
+    if backbone is not None:  # an HF MoE architecture instead of MegaMoE's own layers
+        architecture = {"backbone": tiny_hf_moe_config(backbone).to_dict(), "classifier_pooling": "last"}
     config = tiny_config(
-        num_experts=num_experts,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
         # Per-rank aux loss is a product of per-rank means: not comparable to one process's.
         router_aux_loss_coef=0.0,
         router_z_loss_coef=0.0,
         tasks={"topic": TASKS["topic"]},
+        **architecture,
     )
     return MegaMoEForMultiTask(config)
 
@@ -52,6 +55,7 @@ def main() -> None:
     parser.add_argument("--ep-size", type=int, default=1)
     parser.add_argument("--zero-stage", type=int, default=2)
     parser.add_argument("--num-experts", type=int, default=4)
+    parser.add_argument("--backbone", help="an HF MoE model_type (tests/conftest.py HF_MOE_TINY)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--save-at", type=int, default=0, help="also checkpoint after this step")
     parser.add_argument("--resume", type=Path, help="resume from this checkpoint first")
@@ -62,7 +66,7 @@ def main() -> None:
         max_steps=args.steps, micro_batch_size=GLOBAL_BATCH // world_size, lr=1e-2, warmup_ratio=0.0
     )
     parallel = ParallelSection(expert_parallel_size=args.ep_size, zero_stage=args.zero_stage)
-    model = tiny_model(args.num_experts)
+    model = tiny_model(args.num_experts, args.backbone)
     objective = MultiTaskObjective(model, build_weighting("static", ["topic"]))
     engine = Engine(objective, deepspeed_config(train, parallel), expert_parallel_size=args.ep_size)
     rank = dist.get_rank()
@@ -75,7 +79,7 @@ def main() -> None:
     )
     first_step = checkpointer.load(args.resume) + 1 if args.resume else 1
 
-    losses = []
+    losses, router_loads = [], []
     for step in range(first_step, args.steps + 1):
         batch = global_batch(step)
         rows = slice(rank * train.micro_batch_size, (rank + 1) * train.micro_batch_size)
@@ -83,6 +87,10 @@ def main() -> None:
         loss = output.loss.detach().clone()
         dist.all_reduce(loss)
         losses.append(loss.item() / world_size)
+        # Assignments per (MoE layer, expert) over the global batch: the routing the router stats saw.
+        load = torch.stack([stats.tokens_per_expert for stats in output.router_stats])
+        dist.all_reduce(load)
+        router_loads.append(load.tolist())
         if step in (args.save_at, args.steps):
             checkpointer.save(step)
     # The live (sharded) model's logits on a fixed batch, for comparison with the exported model.
@@ -90,9 +98,13 @@ def main() -> None:
     logits = engine.eval_forward({"task": "topic", **probe}).logits
     if rank == 0:
         torch.save(logits, args.out / "live_logits.pt")
-        (args.out / "losses.json").write_text(json.dumps({"first_step": first_step, "losses": losses}))
+        (args.out / "losses.json").write_text(
+            json.dumps({"first_step": first_step, "losses": losses, "router_loads": router_loads})
+        )
         module, optimizer = engine.engine.module, engine.engine.optimizer
-        expert_numel = sum(p.numel() for n, p in module.named_parameters() if "experts" in n)
+        expert_numel = sum(
+            p.numel() for n, p in module.named_parameters() if "mlp.experts." in n
+        )  # routed only
         # The fp32 master weights (and Adam moments of the same size) of the expert param groups.
         moe_groups = getattr(optimizer, "is_moe_param_group", [])  # set only when the model has MoE layers
         partitions = getattr(optimizer, "single_partition_of_fp32_groups", [])  # ZeRO-1/2

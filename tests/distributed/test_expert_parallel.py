@@ -8,10 +8,16 @@ the checkpoint's export must hold what the live, sharded model computed.
 import json
 
 import pytest
-import torch
 
-from megamoe.checkpoint.export import load_checkpoint_model
 from megamoe.checkpoint.resume import CheckpointError
+from tests.distributed.ep_runs import (
+    assert_same_weights,
+    live_logits_match_export,
+    losses,
+    router_loads,
+    weights,
+    worker,
+)
 from tests.distributed.launcher import (
     accelerate_launch,
     deepspeed_launch,
@@ -21,31 +27,6 @@ from tests.distributed.launcher import (
 )
 
 pytestmark = pytest.mark.slow
-
-WORKER = "tests/distributed/ep_worker.py"
-STEPS = 4
-
-
-def worker(out, **flags) -> list[str]:
-    """The worker script and its arguments: ``--out OUT --steps 4`` plus ``--name value`` per flag."""
-    args = [WORKER, "--out", str(out), "--steps", str(STEPS)]
-    for name, value in flags.items():
-        args += [f"--{name.replace('_', '-')}", str(value)]
-    return args
-
-
-def losses(run_dir):
-    return json.loads((run_dir / "losses.json").read_text())["losses"]
-
-
-def weights(run_dir):
-    return load_checkpoint_model(run_dir).state_dict()
-
-
-def assert_same_weights(a, b, atol):
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=0, atol=atol, msg=name)
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +50,7 @@ def test_an_expert_receiving_no_tokens_neither_hangs_nor_loses_gradients():
 
 def test_expert_parallel_zero2_matches_one_process(reference, ep2_zero2):
     assert losses(ep2_zero2) == pytest.approx(losses(reference), rel=1e-5)
+    assert router_loads(ep2_zero2) == router_loads(reference)
     assert_same_weights(weights(ep2_zero2), weights(reference), atol=1e-6)
 
 
@@ -84,15 +66,7 @@ def test_each_rank_holds_half_the_experts(reference, ep2_zero2):
 
 
 def test_export_holds_what_the_live_sharded_model_computed(ep2_zero2):
-    from tests.distributed.ep_worker import global_batch
-
-    model = load_checkpoint_model(ep2_zero2).eval()
-    probe = global_batch(0)
-    with torch.no_grad():
-        logits = model(
-            input_ids=probe["input_ids"], attention_mask=probe["attention_mask"], task="topic"
-        ).logits
-    torch.testing.assert_close(logits, torch.load(ep2_zero2 / "live_logits.pt"), rtol=0, atol=1e-6)
+    live_logits_match_export(ep2_zero2)
 
 
 def test_resume_continues_exactly(ep2_zero2, tmp_path):

@@ -1,13 +1,16 @@
 """Published HF MoE architectures as the shared backbone: our heads, our padding-masked router losses."""
 
+import re
+
 import pytest
 import torch
 from transformers import AutoModel, AutoModelForCausalLM
 
 from megamoe import MegaMoEConfig, MegaMoEForMultiTask
 from megamoe.checkpoint import load_hf_moe
+from megamoe.engine.autoep import autoep_section, hf_state_dict
 from megamoe.model.moe_losses import load_balancing_loss, router_z_loss
-from tests.conftest import HF_MOE_TINY, TASKS, tiny_hf_moe_config
+from tests.conftest import HF_MOE_TINY, TASKS, tiny_config, tiny_hf_moe_config
 
 
 def backbone_model(model_type: str, **overrides) -> MegaMoEForMultiTask:
@@ -29,8 +32,10 @@ def right_padded(lengths=(9, 6, 3), vocab=64):
 def test_backbone_runs_every_task_with_masked_router_losses(model_type):
     model = backbone_model(model_type)
     assert model.config.num_experts == 4 and model.config.hidden_size == 32
-    declared = [i for i in range(2) if model.config.is_moe_layer(i)]
-    assert declared == model.model.moe_layer_indices == ([1] if model_type == "deepseek_v3" else [0, 1])
+    sparse_layers = [
+        i for i, layer in enumerate(model.model.backbone.layers) if hasattr(layer.mlp, "experts")
+    ]
+    assert model.model.moe_layer_indices == sparse_layers == ([1] if model_type == "deepseek_v3" else [0, 1])
     ids, mask = right_padded()
     ner_labels = torch.randint(0, 5, ids.shape).masked_fill(mask == 0, -100)
     out = model(ids, mask, task="ner", labels=ner_labels)
@@ -125,3 +130,45 @@ def test_a_published_causal_lm_checkpoint_becomes_the_backbone(tmp_path):
     with pytest.raises(ValueError, match="is a 'megamoe' model; an HF MoE backbone is one of"):
         model.save_pretrained(tmp_path / "ours")
         load_hf_moe(str(tmp_path / "ours"), tasks=TASKS)
+
+
+def test_autoep_section_targets_the_nested_backbone_and_refuses_architectures_without_a_preset():
+    objective = torch.nn.ModuleDict({"model": backbone_model("mixtral")})
+    section = autoep_section(objective, 2)
+    assert section["preset_model"] == "mixtral" and section["autoep_size"] == 2
+    names = [
+        name for name, _ in objective.named_modules() if re.fullmatch(section["moe_layer_pattern"], name)
+    ]
+    assert names == ["model.model.backbone.layers.0.mlp", "model.model.backbone.layers.1.mlp"]
+    with pytest.raises(ValueError, match="no AutoEP preset for 'olmoe' backbones: train it with"):
+        autoep_section(backbone_model("olmoe"), 2)
+    with pytest.raises(ValueError, match="AutoEP shards HF MoE backbones only"):
+        autoep_section(MegaMoEForMultiTask(tiny_config()), 2)
+
+
+def test_autoep_names_map_back_to_the_hf_layout():
+    w1, w3, w2 = torch.randn(4, 16, 32), torch.randn(4, 16, 32), torch.randn(4, 32, 16)
+    gate = torch.randn(4, 32)
+    autoep = {
+        "m.layers.0.mlp.router.gate.weight": gate,
+        "m.layers.0.mlp.gate.gate.weight": gate,  # AutoEP's alias of its router, for the HF recorder
+        "m.layers.0.mlp.experts.w1": w1,
+        "m.layers.0.mlp.experts.w2": w2,
+        "m.layers.0.mlp.experts.w3": w3,
+        "m.layers.0.mlp.shared_experts.up_proj.weight": w1[0],
+        "m.layers.0.mlp.shared_experts_gate.weight": gate[:1],
+        "m.norm.weight": gate[0],
+    }
+    hf = hf_state_dict(autoep, "qwen2_moe")
+    assert sorted(hf) == [
+        "m.layers.0.mlp.experts.down_proj",
+        "m.layers.0.mlp.experts.gate_up_proj",
+        "m.layers.0.mlp.gate.weight",
+        "m.layers.0.mlp.shared_expert.up_proj.weight",
+        "m.layers.0.mlp.shared_expert_gate.weight",
+        "m.norm.weight",
+    ]
+    assert torch.equal(hf["m.layers.0.mlp.experts.gate_up_proj"], torch.cat([w1, w3], dim=1))
+    assert torch.equal(hf["m.layers.0.mlp.experts.down_proj"], w2)
+    # That the fused order is right (gate rows first) is what tests/distributed/test_autoep.py's export
+    # test shows: the exported HF model computes what the live AutoEP model computed.

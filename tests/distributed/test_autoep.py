@@ -1,0 +1,71 @@
+"""HF MoE backbones with DeepSpeed AutoEP + ZeRO-3 through the real deepspeed launcher on 2 CPU ranks.
+
+The reference is one process (ZeRO-3, no EP) on the same global batches: AutoEP must give the same losses,
+route the same tokens to the same experts (so the router losses see what one process sees), hold half the
+experts per rank, resume exactly, and export to an HF-layout checkpoint that computes what the live,
+sharded model computed.
+"""
+
+import json
+
+import pytest
+
+from tests.distributed.ep_runs import (
+    assert_same_weights,
+    live_logits_match_export,
+    losses,
+    router_loads,
+    weights,
+    worker,
+)
+from tests.distributed.launcher import deepspeed_launch, single_process
+
+pytestmark = pytest.mark.slow
+
+# Qwen3-MoE, Qwen2-MoE (shared expert + gate), Mixtral, DeepSeek-V3 (sigmoid group routing; DeepSpeed does
+# not retarget its router-logit recorder, megamoe does).
+BACKBONES = ["qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3"]
+
+
+@pytest.fixture(scope="module", params=BACKBONES)
+def runs(request, tmp_path_factory):
+    backbone = request.param
+    one = tmp_path_factory.mktemp(f"{backbone}_one_process")
+    single_process(*worker(one, backbone=backbone, zero_stage=3))
+    two = tmp_path_factory.mktemp(f"{backbone}_autoep2_zero3")
+    deepspeed_launch(*worker(two, backbone=backbone, zero_stage=3, ep_size=2, save_at=2))
+    return one, two
+
+
+def test_autoep_zero3_matches_one_process(runs):
+    one, two = runs
+    assert losses(two) == pytest.approx(losses(one), rel=1e-5)
+    assert router_loads(two) == router_loads(one)
+    assert_same_weights(weights(two), weights(one), atol=1e-6)
+
+
+def test_each_rank_holds_half_the_experts(runs):
+    one, two = runs
+    full = json.loads((one / "expert_numel.json").read_text())["parameters"]
+    assert json.loads((two / "expert_numel.json").read_text())["parameters"] * 2 == full
+
+
+def test_autoep_export_holds_what_the_live_sharded_model_computed(runs):
+    live_logits_match_export(runs[1])
+
+
+@pytest.mark.parametrize("runs", ["qwen3_moe"], indirect=True)  # the same code for every backbone
+def test_autoep_resume_continues_exactly(runs, tmp_path):
+    two = runs[1]
+    resume = two / "checkpoints" / "step_00000002"
+    deepspeed_launch(*worker(tmp_path, backbone="qwen3_moe", zero_stage=3, ep_size=2, resume=resume))
+    assert losses(tmp_path) == losses(two)[2:]
+    assert_same_weights(weights(tmp_path), weights(two), atol=0)
+
+
+def test_autoep_zero2_matches_one_process(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    single_process(*worker(one, backbone="qwen3_moe", zero_stage=2))
+    deepspeed_launch(*worker(two, backbone="qwen3_moe", zero_stage=2, ep_size=2))
+    assert losses(two) == pytest.approx(losses(one), rel=1e-5)
+    assert_same_weights(weights(two), weights(one), atol=1e-6)
