@@ -10,7 +10,8 @@ expert group name). That is the contract the DeepSpeed engine keys on: ZeRO-1/2 
 partition expert gradients and optimizer states over the expert-data-parallel group, and
 ``save_checkpoint`` writes one file per global expert. DeepSpeed refuses ZeRO-3 for this contract
 (``_validate_zero3_moe_compatibility``); ZeRO-3 with EP exists only for AutoEP layers, which bring their own
-router and SwiGLU-without-bias experts, so the run config refuses ZeRO-3 with EP (`ParallelSection`).
+router and SwiGLU-without-bias experts, so `check_topology` refuses ZeRO-3 with EP for MegaMoE experts
+(HF MoE backbones get AutoEP: `autoep.py`).
 
 Token exchange (shape legend: N rows sorted by global expert, E experts, L = E / ep local experts,
 R = rows this rank receives):

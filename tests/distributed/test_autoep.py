@@ -7,8 +7,10 @@ sharded model computed.
 """
 
 import json
+import textwrap
 
 import pytest
+import torch
 
 from tests.distributed.ep_runs import (
     assert_same_weights,
@@ -18,7 +20,7 @@ from tests.distributed.ep_runs import (
     weights,
     worker,
 )
-from tests.distributed.launcher import deepspeed_launch, single_process
+from tests.distributed.launcher import REPO, deepspeed_launch, single_process
 
 pytestmark = pytest.mark.slow
 
@@ -69,3 +71,51 @@ def test_autoep_zero2_matches_one_process(tmp_path):
     deepspeed_launch(*worker(two, backbone="qwen3_moe", zero_stage=2, ep_size=2))
     assert losses(two) == pytest.approx(losses(one), rel=1e-5)
     assert_same_weights(weights(two), weights(one), atol=1e-6)
+
+
+def test_megamoe_train_fine_tunes_a_published_hf_moe_checkpoint_with_autoep(tmp_path):
+    """`deepspeed --module megamoe train` with `model.init: hf_moe`: a causal-LM checkpoint on disk (as the Hub
+    would serve it) becomes the backbone, AutoEP shards its experts, ZeRO-3 the rest; the run is evaluated,
+    exported in the HF layout and loads without megamoe."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    from tests.conftest import tiny_hf_moe_config
+
+    published = tmp_path / "published"
+    tokenizer = AutoTokenizer.from_pretrained(REPO / "tokenizer" / "default")
+    backbone_config = tiny_hf_moe_config("qwen3_moe")
+    backbone_config.vocab_size = len(tokenizer)
+    AutoModelForCausalLM.from_config(backbone_config).save_pretrained(published)
+    tokenizer.save_pretrained(published)
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        textwrap.dedent(
+            f"""
+            run_dir: {tmp_path / "run"}
+            model: {{init: hf_moe, base: {published}}}
+            tasks:
+              topic: {{type: sequence_classification, source: "builtin:bbc_news", max_train_examples: 16, max_eval_examples: 16}}
+              ner: {{type: token_classification, source: "builtin:wnut16", max_train_examples: 16, max_eval_examples: 16}}
+            data: {{max_length: 32, sampling: round_robin}}
+            train: {{max_steps: 4, micro_batch_size: 4, lr: 1.0e-3}}
+            parallel: {{expert_parallel_size: 2, zero_stage: 3}}
+            """
+        )
+    )
+    result = deepspeed_launch("megamoe", "train", str(config), module=True)
+    run_dir = tmp_path / "run"
+    assert f"run directory: {run_dir}" in result.stdout
+    ds_config = json.loads((run_dir / "deepspeed_config.json").read_text())
+    assert ds_config["zero_optimization"]["stage"] == 3
+    assert ds_config["expert_parallel"]["preset_model"] == "qwen3_moe"
+    assert set(json.loads((run_dir / "metrics.json").read_text())) == {"topic", "ner"}
+    assert "`qwen3_moe` decoder backbone" in (run_dir / "model" / "README.md").read_text()
+
+    model = AutoModel.from_pretrained(run_dir / "model", trust_remote_code=True).eval()
+    experts = model.model.backbone.layers[0].mlp.experts
+    assert experts.gate_up_proj.shape == (4, 32, 32), "every expert, in the HF layout"
+    assert not torch.equal(
+        experts.gate_up_proj[0], AutoModel.from_pretrained(published).layers[0].mlp.experts.gate_up_proj[0]
+    )
+    batch = tokenizer(["Shares rose sharply in London."], return_tensors="pt")
+    assert model(**batch, task="topic").logits.shape == (1, 5)
