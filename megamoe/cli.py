@@ -256,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     upcycle_parser.add_argument(
         "source",
-        help="a Hub id, a local directory of a BERT-family model, or builtin:all-MiniLM-L6-v2 (offline)",
+        help="a Hub id or local directory of a BERT, RoBERTa (XLM-R, CamemBERT) or DistilBERT model, or "
+        "builtin:all-MiniLM-L6-v2 (offline)",
     )
     upcycle_parser.add_argument("out", help="the MegaMoE checkpoint directory to write")
     upcycle_parser.add_argument(

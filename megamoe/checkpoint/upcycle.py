@@ -6,6 +6,7 @@ upcycled model computes exactly what the dense one does: identical experts with 
 weights sum back to the dense FFN.
 """
 
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -14,40 +15,115 @@ from transformers import AutoModel, PretrainedConfig
 from ..model import MegaMoEConfig, MegaMoEForMultiTask
 from ..model.modeling_megamoe import MegaMoESequenceHead
 
-_BERT_FAMILY = ("bert",)
+
+@dataclass(frozen=True)
+class DenseLayout:
+    """Where a BERT-family encoder keeps each tensor: module paths without ``.weight`` / ``.bias``, ``{i}`` = layer."""
+
+    word_embeddings: str
+    position_embeddings: str
+    token_type_embeddings: str | None
+    embeddings_norm: str
+    query: str
+    key: str
+    value: str
+    attention_out: str
+    attention_norm: str
+    ffn_up: str
+    ffn_down: str
+    ffn_norm: str
+    position_offset: bool = False
+    """RoBERTa numbers positions from ``padding_idx + 1``: MegaMoE's position 0 is the table's row pad + 1."""
 
 
-def config_from_bert(bert_config: PretrainedConfig, **overrides: Any) -> MegaMoEConfig:
-    """The MegaMoE architecture that holds ``bert_config`` exactly; MoE and task settings come in ``overrides``."""
-    if bert_config.model_type not in _BERT_FAMILY:
+_BERT = DenseLayout(
+    word_embeddings="embeddings.word_embeddings",
+    position_embeddings="embeddings.position_embeddings",
+    token_type_embeddings="embeddings.token_type_embeddings",
+    embeddings_norm="embeddings.LayerNorm",
+    query="encoder.layer.{i}.attention.self.query",
+    key="encoder.layer.{i}.attention.self.key",
+    value="encoder.layer.{i}.attention.self.value",
+    attention_out="encoder.layer.{i}.attention.output.dense",
+    attention_norm="encoder.layer.{i}.attention.output.LayerNorm",
+    ffn_up="encoder.layer.{i}.intermediate.dense",
+    ffn_down="encoder.layer.{i}.output.dense",
+    ffn_norm="encoder.layer.{i}.output.LayerNorm",
+)
+LAYOUTS = {
+    "bert": _BERT,
+    "roberta": replace(_BERT, position_offset=True),
+    "xlm-roberta": replace(_BERT, position_offset=True),
+    "camembert": replace(_BERT, position_offset=True),
+    "distilbert": DenseLayout(
+        word_embeddings="embeddings.word_embeddings",
+        position_embeddings="embeddings.position_embeddings",
+        token_type_embeddings=None,
+        embeddings_norm="embeddings.LayerNorm",
+        query="transformer.layer.{i}.attention.q_lin",
+        key="transformer.layer.{i}.attention.k_lin",
+        value="transformer.layer.{i}.attention.v_lin",
+        attention_out="transformer.layer.{i}.attention.out_lin",
+        attention_norm="transformer.layer.{i}.sa_layer_norm",
+        ffn_up="transformer.layer.{i}.ffn.lin1",
+        ffn_down="transformer.layer.{i}.ffn.lin2",
+        ffn_norm="transformer.layer.{i}.output_layer_norm",
+    ),
+}
+"""The dense families upcycling holds exactly (all post-LN, GELU MLP with biases, learned positions)."""
+
+
+def _layout(model_type: str) -> DenseLayout:
+    if model_type not in LAYOUTS:
         raise ValueError(
-            f"upcycling supports model_type in {list(_BERT_FAMILY)}, got {bert_config.model_type!r}; "
-            "convert the checkpoint to a BERT layout first"
+            f"upcycling supports model_type in {list(LAYOUTS)} (BERT-family encoders), got {model_type!r}; "
+            "for an HF MoE model use model.init: hf_moe"
         )
-    position_type = getattr(bert_config, "position_embedding_type", "absolute")
+    return LAYOUTS[model_type]
+
+
+def config_from_bert(dense_config: PretrainedConfig, **overrides: Any) -> MegaMoEConfig:
+    """The MegaMoE architecture that holds a BERT-family ``dense_config`` exactly; MoE and task settings come
+    in ``overrides``."""
+    layout = _layout(dense_config.model_type)
+    position_type = getattr(dense_config, "position_embedding_type", "absolute")
     if position_type != "absolute":
         raise ValueError(f"only absolute position embeddings can be upcycled, got {position_type!r}")
+    if dense_config.model_type == "distilbert":  # its own field names; no token types, LayerNorm eps fixed
+        intermediate, act = dense_config.hidden_dim, dense_config.activation
+        dropout, attention_dropout = dense_config.dropout, dense_config.attention_dropout
+        layer_norm_eps, type_vocab_size = 1e-12, 0
+    else:
+        intermediate, act = dense_config.intermediate_size, dense_config.hidden_act
+        dropout, attention_dropout = (
+            dense_config.hidden_dropout_prob,
+            dense_config.attention_probs_dropout_prob,
+        )
+        layer_norm_eps, type_vocab_size = dense_config.layer_norm_eps, dense_config.type_vocab_size
+    positions = dense_config.max_position_embeddings
+    if layout.position_offset:
+        positions -= dense_config.pad_token_id + 1
     kwargs: dict[str, Any] = dict(
-        vocab_size=bert_config.vocab_size,
-        hidden_size=bert_config.hidden_size,
-        num_hidden_layers=bert_config.num_hidden_layers,
-        num_attention_heads=bert_config.num_attention_heads,
-        intermediate_size=bert_config.intermediate_size,
-        moe_intermediate_size=bert_config.intermediate_size,
-        hidden_act=bert_config.hidden_act,
+        vocab_size=dense_config.vocab_size,
+        hidden_size=dense_config.hidden_size,
+        num_hidden_layers=dense_config.num_hidden_layers,
+        num_attention_heads=dense_config.num_attention_heads,
+        intermediate_size=intermediate,
+        moe_intermediate_size=intermediate,
+        hidden_act=act,
         mlp_type="mlp",
         mlp_bias=True,
         attention_bias=True,
         norm_type="layernorm",
         norm_position="post",
-        layer_norm_eps=bert_config.layer_norm_eps,
+        layer_norm_eps=layer_norm_eps,
         position_embedding_type="absolute",
-        max_position_embeddings=bert_config.max_position_embeddings,
-        type_vocab_size=bert_config.type_vocab_size,
-        hidden_dropout_prob=bert_config.hidden_dropout_prob,
-        attention_probs_dropout_prob=bert_config.attention_probs_dropout_prob,
-        initializer_range=bert_config.initializer_range,
-        pad_token_id=bert_config.pad_token_id,
+        max_position_embeddings=positions,
+        type_vocab_size=type_vocab_size,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=attention_dropout,
+        initializer_range=dense_config.initializer_range,
+        pad_token_id=dense_config.pad_token_id,
         norm_topk_prob=True,
     )
     kwargs.update(overrides)
@@ -59,18 +135,21 @@ def config_from_bert(bert_config: PretrainedConfig, **overrides: Any) -> MegaMoE
 
 
 def upcycle_bert_state_dict(
-    bert_state: dict[str, torch.Tensor],
+    dense_state: dict[str, torch.Tensor],
     config: MegaMoEConfig,
     *,
+    model_type: str = "bert",
     expert_noise_std: float = 0.0,
     router_std: float | None = None,
     generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Map a BertModel state dict (``bert.`` prefix allowed) onto `MegaMoEModel` keys.
+    """Map a BERT-family base model's state dict (``bert.`` / ``roberta.`` / ``distilbert.`` prefix allowed)
+    onto `MegaMoEModel` keys.
 
     Args:
-        bert_state: the dense checkpoint's tensors.
+        dense_state: the dense checkpoint's tensors.
         config: from `config_from_bert`.
+        model_type: the dense checkpoint's family, a key of `LAYOUTS`.
         expert_noise_std: relative std of Gaussian noise added to each expert copy (0 = exact copies).
         router_std: std of the router init; defaults to ``config.initializer_range``.
         generator: RNG for the noise and the router init.
@@ -80,46 +159,62 @@ def upcycle_bert_state_dict(
     """
     if config.num_shared_experts > 0:
         raise ValueError("upcycling starts without shared experts (a copy would count the dense FFN twice)")
-    src = {key.removeprefix("bert."): value for key, value in bert_state.items()}
+    layout = _layout(model_type)
+    # A task model's state dict (`BertForSequenceClassification`, ...) nests the encoder under its prefix.
+    prefix = next(
+        (p for p in ("bert.", "roberta.", "distilbert.") if any(k.startswith(p) for k in dense_state)), ""
+    )
+    src = {key.removeprefix(prefix): value for key, value in dense_state.items()}
     out: dict[str, torch.Tensor] = {}
 
-    def take(dst: str, key: str) -> None:
+    def tensor(path: str, param: str = "weight") -> torch.Tensor:
+        key = f"{path}.{param}"
         if key not in src:
-            raise KeyError(f"the dense checkpoint has no {key!r}; is it a BERT-family encoder?")
-        out[dst] = src[key].clone()
+            raise KeyError(f"the dense checkpoint has no {key!r}; is it a {model_type} encoder?")
+        return src[key]
 
-    for name in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
-        take(f"embeddings.{name}.weight", f"embeddings.{name}.weight")
-    for param in ("weight", "bias"):
-        take(f"embeddings.norm.{param}", f"embeddings.LayerNorm.{param}")
+    def take(ours: str, theirs: str) -> None:
+        for param in ("weight", "bias"):
+            out[f"{ours}.{param}"] = tensor(theirs, param).clone()
+
+    out["embeddings.word_embeddings.weight"] = tensor(layout.word_embeddings).clone()
+    positions = tensor(layout.position_embeddings)
+    start = 0
+    if layout.position_offset:
+        if config.pad_token_id is None:
+            raise ValueError(
+                f"a {model_type} checkpoint numbers positions after its pad_token_id, which is unset"
+            )
+        start = config.pad_token_id + 1
+    out["embeddings.position_embeddings.weight"] = positions[
+        start : start + config.max_position_embeddings
+    ].clone()
+    if layout.token_type_embeddings is not None:
+        out["embeddings.token_type_embeddings.weight"] = tensor(layout.token_type_embeddings).clone()
+    take("embeddings.norm", layout.embeddings_norm)
 
     for i in range(config.num_hidden_layers):
-        bert, ours = f"encoder.layer.{i}", f"layers.{i}"
-        for param in ("weight", "bias"):
-            for bert_name, our_name in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
-                take(f"{ours}.attention.{our_name}.{param}", f"{bert}.attention.self.{bert_name}.{param}")
-            take(f"{ours}.attention.o_proj.{param}", f"{bert}.attention.output.dense.{param}")
-            take(f"{ours}.attention_norm.{param}", f"{bert}.attention.output.LayerNorm.{param}")
-            take(f"{ours}.ffn_norm.{param}", f"{bert}.output.LayerNorm.{param}")
-        up_w, up_b = src[f"{bert}.intermediate.dense.weight"], src[f"{bert}.intermediate.dense.bias"]
-        down_w, down_b = src[f"{bert}.output.dense.weight"], src[f"{bert}.output.dense.bias"]
-        if not config.is_moe_layer(i):
-            out.update(
-                {
-                    f"{ours}.mlp.up_proj.weight": up_w.clone(),
-                    f"{ours}.mlp.up_proj.bias": up_b.clone(),
-                    f"{ours}.mlp.down_proj.weight": down_w.clone(),
-                    f"{ours}.mlp.down_proj.bias": down_b.clone(),
-                }
-            )
-            continue
-        experts = {
-            "up_proj": up_w,
-            "up_proj_bias": up_b,
-            "down_proj": down_w,
-            "down_proj_bias": down_b,
+        ours = f"layers.{i}"
+        for our_name, path in (
+            ("attention.q_proj", layout.query),
+            ("attention.k_proj", layout.key),
+            ("attention.v_proj", layout.value),
+            ("attention.o_proj", layout.attention_out),
+            ("attention_norm", layout.attention_norm),
+            ("ffn_norm", layout.ffn_norm),
+        ):
+            take(f"{ours}.{our_name}", path.format(i=i))
+        dense_ffn = {
+            "up_proj": tensor(layout.ffn_up.format(i=i)),
+            "up_proj_bias": tensor(layout.ffn_up.format(i=i), "bias"),
+            "down_proj": tensor(layout.ffn_down.format(i=i)),
+            "down_proj_bias": tensor(layout.ffn_down.format(i=i), "bias"),
         }
-        for name, dense in experts.items():
+        if not config.is_moe_layer(i):
+            take(f"{ours}.mlp.up_proj", layout.ffn_up.format(i=i))
+            take(f"{ours}.mlp.down_proj", layout.ffn_down.format(i=i))
+            continue
+        for name, dense in dense_ffn.items():
             copies = dense.expand(config.num_experts, *dense.shape).clone()
             if expert_noise_std > 0:
                 noise = torch.randn(copies.shape, generator=generator, dtype=copies.dtype)
@@ -127,7 +222,7 @@ def upcycle_bert_state_dict(
             out[f"{ours}.mlp.experts.{name}"] = copies
         std = config.initializer_range if router_std is None else router_std
         router = torch.randn(config.num_experts, config.hidden_size, generator=generator) * std
-        out[f"{ours}.mlp.router.weight"] = router.to(up_w.dtype)
+        out[f"{ours}.mlp.router.weight"] = router.to(dense_ffn["up_proj"].dtype)
         if config.task_aware_routing:
             out[f"{ours}.mlp.router.task_logit_bias"] = torch.zeros(len(config.tasks), config.num_experts)
     return out
@@ -152,7 +247,11 @@ def upcycle_pretrained(
     generator = torch.Generator().manual_seed(seed)
     dense_state = dense.state_dict()
     backbone = upcycle_bert_state_dict(
-        dense_state, config, expert_noise_std=expert_noise_std, generator=generator
+        dense_state,
+        config,
+        model_type=dense.config.model_type,
+        expert_noise_std=expert_noise_std,
+        generator=generator,
     )
     torch.manual_seed(seed)
     model = MegaMoEForMultiTask(config)

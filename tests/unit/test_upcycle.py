@@ -146,3 +146,61 @@ def test_upcycle_command_reports_a_source_it_cannot_read(tmp_path, capsys):
 
     assert main(["upcycle", str(tmp_path / "nowhere"), str(tmp_path / "out")]) == 2
     assert "cannot upcycle" in capsys.readouterr().err
+
+
+def tiny_dense(model_type: str):
+    """A random RoBERTa or DistilBERT base model the size of TINY_BERT."""
+    from transformers import DistilBertConfig, DistilBertModel, RobertaConfig, RobertaModel
+
+    if model_type == "roberta":
+        config = RobertaConfig(
+            vocab_size=100,
+            hidden_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=42,  # 40 positions after padding_idx + 1
+            type_vocab_size=1,
+            pad_token_id=1,
+        )
+        return RobertaModel(config, add_pooling_layer=False).eval()
+    config = DistilBertConfig(
+        vocab_size=100, dim=32, n_layers=3, n_heads=4, hidden_dim=64, max_position_embeddings=40
+    )
+    return DistilBertModel(config).eval()
+
+
+@pytest.mark.parametrize("model_type", ["roberta", "distilbert"])
+@pytest.mark.parametrize("moe", [{"moe_layer_freq": 1}, {"moe_layer_freq": 2, "num_experts_per_tok": 1}])
+def test_upcycled_roberta_and_distilbert_equal_the_dense_model(model_type, moe):
+    dense = tiny_dense(model_type)
+    config = config_from_bert(dense.config, num_experts=4, **moe)
+    model = MegaMoEModel(config)
+    state = upcycle_bert_state_dict(dense.state_dict(), config, model_type=model_type)
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    assert config.max_position_embeddings == 40 and config.type_vocab_size == (
+        1 if model_type == "roberta" else 0
+    )
+    ids, mask, _ = bert_inputs()
+    ids = ids.masked_fill(mask == 0, dense.config.pad_token_id)  # right padding, as a tokenizer pads
+    expected = dense(input_ids=ids, attention_mask=mask).last_hidden_state
+    got = model(ids, mask).last_hidden_state
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], rtol=1e-5, atol=1e-5)
+
+
+def test_upcycle_pretrained_reads_a_saved_roberta_directory(tmp_path):
+    from megamoe.checkpoint import upcycle_pretrained
+
+    dense = tiny_dense("roberta")
+    dense.save_pretrained(tmp_path)
+    model = upcycle_pretrained(
+        str(tmp_path), tasks={"t": {"type": "sequence_classification", "labels": ["a"]}}
+    )
+    assert model.config.num_experts == 8 and model.model.embeddings.token_type_embeddings.num_embeddings == 1
+    ids, mask, _ = bert_inputs()
+    ids = ids.masked_fill(mask == 0, 1)
+    expected = dense(input_ids=ids, attention_mask=mask).last_hidden_state
+    got = model.eval().model(ids, mask).last_hidden_state
+    torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], rtol=1e-5, atol=1e-5)
