@@ -70,7 +70,8 @@ LAYOUTS = {
         ffn_norm="transformer.layer.{i}.output_layer_norm",
     ),
 }
-"""The dense families upcycling holds exactly (all post-LN, GELU MLP with biases, learned positions)."""
+"""The dense families upcycling holds exactly: all post-LN with biased attention and MLP and a stored position
+table (DistilBERT's sinusoidal one is stored as weights too, and trains from there)."""
 
 
 def _layout(model_type: str) -> DenseLayout:
@@ -82,13 +83,29 @@ def _layout(model_type: str) -> DenseLayout:
     return LAYOUTS[model_type]
 
 
+def _first_position(model_type: str, pad_token_id: int | None) -> int:
+    """The row of the dense position table that MegaMoE's position 0 (``position_ids = arange``) reads."""
+    if not _layout(model_type).position_offset:
+        return 0
+    if pad_token_id is None:
+        raise ValueError(
+            f"a {model_type} checkpoint numbers positions after its pad_token_id, which is unset"
+        )
+    return pad_token_id + 1
+
+
 def config_from_bert(dense_config: PretrainedConfig, **overrides: Any) -> MegaMoEConfig:
     """The MegaMoE architecture that holds a BERT-family ``dense_config`` exactly; MoE and task settings come
     in ``overrides``."""
-    layout = _layout(dense_config.model_type)
+    _layout(dense_config.model_type)  # an unsupported family fails first, naming the supported ones
     position_type = getattr(dense_config, "position_embedding_type", "absolute")
     if position_type != "absolute":
         raise ValueError(f"only absolute position embeddings can be upcycled, got {position_type!r}")
+    if getattr(dense_config, "is_decoder", False) or getattr(dense_config, "add_cross_attention", False):
+        # MegaMoE attends bidirectionally and has no cross-attention: a causal or seq2seq layout has no twin.
+        raise ValueError(
+            "only bidirectional encoders can be upcycled (is_decoder / add_cross_attention is set)"
+        )
     if dense_config.model_type == "distilbert":  # its own field names; no token types, LayerNorm eps fixed
         intermediate, act = dense_config.hidden_dim, dense_config.activation
         dropout, attention_dropout = dense_config.dropout, dense_config.attention_dropout
@@ -100,9 +117,9 @@ def config_from_bert(dense_config: PretrainedConfig, **overrides: Any) -> MegaMo
             dense_config.attention_probs_dropout_prob,
         )
         layer_norm_eps, type_vocab_size = dense_config.layer_norm_eps, dense_config.type_vocab_size
-    positions = dense_config.max_position_embeddings
-    if layout.position_offset:
-        positions -= dense_config.pad_token_id + 1
+    positions = dense_config.max_position_embeddings - _first_position(
+        dense_config.model_type, dense_config.pad_token_id
+    )
     kwargs: dict[str, Any] = dict(
         vocab_size=dense_config.vocab_size,
         hidden_size=dense_config.hidden_size,
@@ -178,17 +195,9 @@ def upcycle_bert_state_dict(
             out[f"{ours}.{param}"] = tensor(theirs, param).clone()
 
     out["embeddings.word_embeddings.weight"] = tensor(layout.word_embeddings).clone()
-    positions = tensor(layout.position_embeddings)
-    start = 0
-    if layout.position_offset:
-        if config.pad_token_id is None:
-            raise ValueError(
-                f"a {model_type} checkpoint numbers positions after its pad_token_id, which is unset"
-            )
-        start = config.pad_token_id + 1
-    out["embeddings.position_embeddings.weight"] = positions[
-        start : start + config.max_position_embeddings
-    ].clone()
+    start = _first_position(model_type, config.pad_token_id)
+    positions = tensor(layout.position_embeddings)[start : start + config.max_position_embeddings]
+    out["embeddings.position_embeddings.weight"] = positions.clone()
     if layout.token_type_embeddings is not None:
         out["embeddings.token_type_embeddings.weight"] = tensor(layout.token_type_embeddings).clone()
     take("embeddings.norm", layout.embeddings_norm)

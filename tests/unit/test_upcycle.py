@@ -73,11 +73,20 @@ def test_noise_breaks_expert_symmetry():
     )
 
 
-def test_non_bert_checkpoint_is_refused():
-    from transformers import GPT2Config
+@pytest.mark.parametrize(
+    ("dense_config", "match"),
+    [
+        ({"model_type": "gpt2"}, r"upcycling supports model_type in \['bert', 'roberta', .*'distilbert'\]"),
+        ({"model_type": "roberta", "is_decoder": True}, "only bidirectional encoders"),
+        ({"model_type": "roberta", "pad_token_id": None}, "pad_token_id, which is unset"),
+        ({"model_type": "bert", "position_embedding_type": "relative_key"}, "only absolute position"),
+    ],
+)
+def test_unsupported_checkpoints_are_refused_naming_what_is_supported(dense_config, match):
+    from transformers import AutoConfig
 
-    with pytest.raises(ValueError, match="upcycling supports model_type in"):
-        config_from_bert(GPT2Config())
+    with pytest.raises(ValueError, match=match):
+        config_from_bert(AutoConfig.for_model(**dense_config))
 
 
 def test_upcycled_all_minilm_l6_v2_equals_the_published_dense_model():
@@ -148,59 +157,111 @@ def test_upcycle_command_reports_a_source_it_cannot_read(tmp_path, capsys):
     assert "cannot upcycle" in capsys.readouterr().err
 
 
-def tiny_dense(model_type: str):
-    """A random RoBERTa or DistilBERT base model the size of TINY_BERT."""
-    from transformers import DistilBertConfig, DistilBertModel, RobertaConfig, RobertaModel
+def tiny_dense(model_type: str, **config):
+    """A random base model of a RoBERTa- or DistilBERT-family ``model_type``, with 40 usable positions."""
+    from transformers import AutoConfig, AutoModel
 
-    if model_type == "roberta":
-        config = RobertaConfig(
+    if model_type == "distilbert":
+        sizes = dict(vocab_size=100, dim=32, n_layers=3, n_heads=4, hidden_dim=64, max_position_embeddings=40)
+    else:  # positions start after pad_token_id, so 42 rows hold 40; one token type
+        sizes = dict(
             vocab_size=100,
             hidden_size=32,
             num_hidden_layers=3,
             num_attention_heads=4,
             intermediate_size=64,
-            max_position_embeddings=42,  # 40 positions after padding_idx + 1
+            max_position_embeddings=42,
             type_vocab_size=1,
             pad_token_id=1,
         )
-        return RobertaModel(config, add_pooling_layer=False).eval()
-    config = DistilBertConfig(
-        vocab_size=100, dim=32, n_layers=3, n_heads=4, hidden_dim=64, max_position_embeddings=40
-    )
-    return DistilBertModel(config).eval()
+    return AutoModel.from_config(AutoConfig.for_model(model_type, **sizes, **config)).eval()
 
 
-@pytest.mark.parametrize("model_type", ["roberta", "distilbert"])
-@pytest.mark.parametrize("moe", [{"moe_layer_freq": 1}, {"moe_layer_freq": 2, "num_experts_per_tok": 1}])
-def test_upcycled_roberta_and_distilbert_equal_the_dense_model(model_type, moe):
-    dense = tiny_dense(model_type)
-    config = config_from_bert(dense.config, num_experts=4, **moe)
-    model = MegaMoEModel(config)
-    state = upcycle_bert_state_dict(dense.state_dict(), config, model_type=model_type)
-    model.load_state_dict(state, strict=True)
-    model.eval()
-    assert config.max_position_embeddings == 40 and config.type_vocab_size == (
-        1 if model_type == "roberta" else 0
-    )
-    ids, mask, _ = bert_inputs()
-    ids = ids.masked_fill(mask == 0, dense.config.pad_token_id)  # right padding, as a tokenizer pads
-    expected = dense(input_ids=ids, attention_mask=mask).last_hidden_state
-    got = model(ids, mask).last_hidden_state
+def right_padded_inputs(pad_token_id: int, vocab: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+    """Three rows (full, 7 real tokens, 3 real tokens) padded on the right with ``pad_token_id``, as a tokenizer
+    pads; real tokens avoid the pad id, which RoBERTa would read as padding when numbering positions."""
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(pad_token_id + 1, vocab, (3, 12), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    mask[2, 3:] = 0
+    return ids.masked_fill(mask == 0, pad_token_id), mask
+
+
+@pytest.mark.parametrize(
+    ("model_type", "dense_config"),
+    [
+        ("roberta", {}),
+        ("xlm-roberta", {}),
+        ("camembert", {}),
+        ("distilbert", {}),
+        ("distilbert", {"sinusoidal_pos_embds": True, "activation": "relu"}),
+    ],
+)
+@pytest.mark.parametrize(("moe_layer_freq", "top_k"), [(1, 2), (2, 1)])
+def test_upcycled_roberta_and_distilbert_families_equal_the_dense_model(
+    tmp_path, model_type, dense_config, moe_layer_freq, top_k
+):
+    """Through `upcycle_pretrained` on a saved directory, the path `megamoe upcycle` takes."""
+    from megamoe.checkpoint import upcycle_pretrained
+
+    dense = tiny_dense(model_type, **dense_config)
+    dense.save_pretrained(tmp_path)
+    model = upcycle_pretrained(
+        str(tmp_path), tasks={}, num_experts=4, num_experts_per_tok=top_k, moe_layer_freq=moe_layer_freq
+    ).eval()
+    config = model.config
+    assert config.max_position_embeddings == 40
+    assert config.type_vocab_size == (0 if model_type == "distilbert" else 1)
+    assert [config.is_moe_layer(i) for i in range(3)] == [moe_layer_freq == 1, True, moe_layer_freq == 1]
+    ids, mask = right_padded_inputs(dense.config.pad_token_id)
+    with torch.no_grad():
+        expected = dense(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = model.model(ids, mask).last_hidden_state
     real = mask.bool()
     torch.testing.assert_close(got[real], expected[real], rtol=1e-5, atol=1e-5)
 
 
-def test_upcycle_pretrained_reads_a_saved_roberta_directory(tmp_path):
+def test_distilbert_sinusoidal_positions_are_stored_weights_that_upcycling_copies(tmp_path):
+    from transformers.models.distilbert.modeling_distilbert import create_sinusoidal_embeddings
+
     from megamoe.checkpoint import upcycle_pretrained
 
-    dense = tiny_dense("roberta")
+    dense = tiny_dense("distilbert", sinusoidal_pos_embds=True)
     dense.save_pretrained(tmp_path)
-    model = upcycle_pretrained(
-        str(tmp_path), tasks={"t": {"type": "sequence_classification", "labels": ["a"]}}
-    )
-    assert model.config.num_experts == 8 and model.model.embeddings.token_type_embeddings.num_embeddings == 1
-    ids, mask, _ = bert_inputs()
-    ids = ids.masked_fill(mask == 0, 1)
-    expected = dense(input_ids=ids, attention_mask=mask).last_hidden_state
-    got = model.eval().model(ids, mask).last_hidden_state
-    torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], rtol=1e-5, atol=1e-5)
+    model = upcycle_pretrained(str(tmp_path), tasks={})
+    sinusoid = create_sinusoidal_embeddings(40, 32, torch.empty(40, 32))
+    torch.testing.assert_close(model.model.embeddings.position_embeddings.weight.detach(), sinusoid)
+    assert model.model.embeddings.token_type_embeddings is None
+
+
+def test_roberta_position_table_is_rebased_after_the_pad_row():
+    dense = tiny_dense("roberta")
+    config = config_from_bert(dense.config, num_experts=4)
+    state = upcycle_bert_state_dict(dense.state_dict(), config, model_type="roberta")
+    table = dense.state_dict()["embeddings.position_embeddings.weight"]
+    torch.testing.assert_close(state["embeddings.position_embeddings.weight"], table[2:42])
+
+
+def test_upcycle_command_takes_a_roberta_directory_and_its_tokenizer(tmp_path, capsys):
+    from transformers import AutoModel, RobertaTokenizer
+
+    from megamoe.cli import main
+
+    source, out = tmp_path / "roberta", tmp_path / "roberta-moe"
+    dense = tiny_dense("roberta")
+    dense.save_pretrained(source)
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocab = {token: i for i, token in enumerate(["<s>", "<pad>", "</s>", "<unk>", "<mask>", "Ġ", *letters])}
+    RobertaTokenizer(vocab=vocab, merges=[]).save_pretrained(source)  # character-level byte BPE, offline
+    args = ["upcycle", str(source), str(out), "--num-experts", "4", "--top-k", "2", "--moe-layer-freq", "2"]
+    assert main(args) == 0
+    assert "4 experts, top-2" in capsys.readouterr().out
+    enc = AutoTokenizer.from_pretrained(out)(["upcycled roberta", "ok"], padding=True, return_tensors="pt")
+    assert enc["input_ids"][1, -1].item() == dense.config.pad_token_id  # right padding
+    moe = AutoModel.from_pretrained(out, trust_remote_code=True).eval()
+    with torch.no_grad():
+        expected = dense(**enc).last_hidden_state
+        got = moe.model(enc["input_ids"], enc["attention_mask"]).last_hidden_state
+    real = enc["attention_mask"].bool()
+    torch.testing.assert_close(got[real], expected[real], rtol=1e-5, atol=1e-5)
