@@ -49,27 +49,34 @@ def autoep_section(module: nn.Module, ep_size: int) -> dict[str, Any]:
     }
 
 
-def record_router_logits(module: nn.Module) -> None:
-    """After AutoEP swapped the MoE blocks, make transformers record router logits from AutoEP's router.
+def check_replaced_and_record_router_logits(module: nn.Module) -> None:
+    """After ``deepspeed.initialize``: make sure AutoEP swapped the MoE blocks, and that transformers records
+    router logits from AutoEP's router.
 
-    DeepSpeed retargets the recorder itself for Qwen and Mixtral; for DeepSeek it does not, and the backbone
-    would record nothing (its router class is gone). This applies DeepSpeed's own retargeting to those.
+    AutoEP only warns when its layer pattern matches nothing, and trains without expert parallelism; here that
+    is an error. DeepSpeed retargets the router-logit recorder itself for the model types its preset's adapter
+    names (Qwen, Mixtral); for the others (DeepSeek, OLMoE) the backbone would record nothing (its router
+    class is gone), so DeepSpeed's own retargeting is applied to them here.
     """
     found = hf_backbone(module)
+    if found is None:
+        return
     layers = [m for m in module.modules() if isinstance(m, AutoEPMoELayer)]
-    if found is None or not layers:
+    if not layers:
+        raise RuntimeError(
+            "DeepSpeed AutoEP replaced no MoE block of the HF backbone: the expert_parallel section's "
+            "moe_layer_pattern matched nothing (a changed module layout?); refusing to train without EP"
+        )
+    backbone = found[1]
+    model_type = backbone.config.model_type
+    adapter = get_preset_adapter(get_preset(_preset_for(model_type)).preset_adapter)
+    if isinstance(adapter, TransformersTopLevelRouterLogitsAdapter) and model_type in adapter.hf_model_types:
         return
-    model_type = found[1].config.model_type
-    if isinstance(
-        get_preset_adapter(get_preset(_preset_for(model_type)).preset_adapter),
-        TransformersTopLevelRouterLogitsAdapter,
-    ):
-        return
-    class_prefix = type(found[1]).__name__.removesuffix("Model")  # DeepseekV3Model -> DeepseekV3
-    adapter = TransformersTopLevelRouterLogitsAdapter(
+    class_prefix = type(backbone).__name__.removesuffix("Model")  # DeepseekV3Model -> DeepseekV3
+    ours = TransformersTopLevelRouterLogitsAdapter(
         display_name=model_type, hf_model_types=(model_type,), class_name_fragments=(class_prefix,)
     )
-    adapter.retarget_transformers_output_recorders(
+    ours.retarget_transformers_output_recorders(
         module,
         SimpleNamespace(model_family=model_type),
         layers[0],
@@ -117,13 +124,18 @@ def hf_state_dict(state_dict: dict[str, torch.Tensor], model_type: str) -> dict[
     return out
 
 
+# Architectures without a preset of their own whose MoE block is another's: OLMoE's is Mixtral's (gate +
+# fused gate_up/down experts, softmax top-k); its norm_topk_prob=False is read from the backbone config.
+_PRESET_OF_A_TWIN = {"olmoe": "mixtral"}
+
+
 def _preset_for(model_type: str) -> str:
-    preset = preset_name_for_hf_model_type(model_type)
+    preset = preset_name_for_hf_model_type(model_type) or _PRESET_OF_A_TWIN.get(model_type)
     if preset is None:
         raise ValueError(
             f"DeepSpeed {_deepspeed_version()} has no AutoEP preset for {model_type!r} backbones: train it with "
             "parallel.expert_parallel_size: 1 (ZeRO-3 still shards it), or pick a Qwen3-MoE, Qwen2-MoE, "
-            "Mixtral or DeepSeek-V2/V3 checkpoint"
+            "Mixtral, OLMoE or DeepSeek-V2/V3 checkpoint"
         )
     return preset
 

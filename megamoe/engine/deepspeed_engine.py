@@ -23,7 +23,7 @@ from torch.distributed import distributed_c10d
 
 from ..config import ParallelSection, TrainSection
 from ..model import MegaMoEConfig
-from .autoep import autoep_section, hf_backbone, record_router_logits
+from .autoep import autoep_section, check_replaced_and_record_router_logits, hf_backbone
 from .expert_parallel import shard_experts
 
 # Parameters that get no weight decay: biases and norm weights (BERT/RoBERTa fine-tuning practice).
@@ -294,7 +294,7 @@ class Engine:
             model=module, model_parameters=parameter_groups(module, weight_decay), config=config
         )
         if "expert_parallel" in config:
-            record_router_logits(module)
+            check_replaced_and_record_router_logits(module)
 
     @property
     def device(self) -> torch.device:

@@ -56,10 +56,21 @@ class ExpertUtilization:
         self.counts: dict[str, dict[int, torch.Tensor]] = {}
 
     def update(self, task: str, router_stats: Sequence[Any]) -> None:
-        per_layer = self.counts.setdefault(task, {})
         for stats in router_stats:
-            counts = stats.tokens_per_expert.detach().to("cpu", torch.float64)
-            per_layer[stats.layer_idx] = per_layer.get(stats.layer_idx, torch.zeros_like(counts)) + counts
+            self._add(task, stats.layer_idx, stats.tokens_per_expert.detach().to("cpu", torch.float64))
+
+    def merged(self, every_rank: Sequence[dict[str, dict[int, torch.Tensor]]]) -> "ExpertUtilization":
+        """The utilization over every rank's ``counts`` (each rank saw its own shard of the examples)."""
+        total = ExpertUtilization()
+        for counts in every_rank:
+            for task, layers in counts.items():
+                for layer, layer_counts in layers.items():
+                    total._add(task, layer, layer_counts)
+        return total
+
+    def _add(self, task: str, layer: int, counts: torch.Tensor) -> None:
+        per_layer = self.counts.setdefault(task, {})
+        per_layer[layer] = per_layer.get(layer, torch.zeros_like(counts)) + counts
 
     def fractions(self) -> dict[str, dict[int, list[float]]]:
         return {

@@ -24,9 +24,10 @@ from tests.distributed.launcher import REPO, deepspeed_launch, single_process
 
 pytestmark = pytest.mark.slow
 
-# Qwen3-MoE, Qwen2-MoE (shared expert + gate), Mixtral, DeepSeek-V3 (sigmoid group routing; DeepSpeed does
-# not retarget its router-logit recorder, megamoe does).
-BACKBONES = ["qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3"]
+# Qwen3-MoE, Qwen2-MoE (shared expert + gate), Mixtral, DeepSeek-V3 (sigmoid group routing) and OLMoE (no
+# preset of its own: Mixtral's, with norm_topk_prob=False). For the last two DeepSpeed does not retarget the
+# router-logit recorder; megamoe does.
+BACKBONES = ["qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3", "olmoe"]
 
 
 @pytest.fixture(scope="module", params=BACKBONES)

@@ -8,6 +8,7 @@ from transformers import AutoModel, AutoModelForCausalLM
 
 from megamoe import MegaMoEConfig, MegaMoEForMultiTask
 from megamoe.checkpoint import load_hf_moe
+from megamoe.engine import autoep
 from megamoe.engine.autoep import autoep_section, hf_state_dict
 from megamoe.model.moe_losses import load_balancing_loss, router_z_loss
 from tests.conftest import HF_MOE_TINY, TASKS, tiny_config, tiny_hf_moe_config
@@ -132,7 +133,7 @@ def test_a_published_causal_lm_checkpoint_becomes_the_backbone(tmp_path):
         load_hf_moe(str(tmp_path / "ours"), tasks=TASKS)
 
 
-def test_autoep_section_targets_the_nested_backbone_and_refuses_architectures_without_a_preset():
+def test_autoep_section_targets_the_nested_backbone_and_refuses_architectures_without_a_preset(monkeypatch):
     objective = torch.nn.ModuleDict({"model": backbone_model("mixtral")})
     section = autoep_section(objective, 2)
     assert section["preset_model"] == "mixtral" and section["autoep_size"] == 2
@@ -140,6 +141,8 @@ def test_autoep_section_targets_the_nested_backbone_and_refuses_architectures_wi
         name for name, _ in objective.named_modules() if re.fullmatch(section["moe_layer_pattern"], name)
     ]
     assert names == ["model.model.backbone.layers.0.mlp", "model.model.backbone.layers.1.mlp"]
+    assert autoep_section(backbone_model("olmoe"), 2)["preset_model"] == "mixtral", "the same MoE block"
+    monkeypatch.setattr(autoep, "_PRESET_OF_A_TWIN", {})
     with pytest.raises(ValueError, match="no AutoEP preset for 'olmoe' backbones: train it with"):
         autoep_section(backbone_model("olmoe"), 2)
     with pytest.raises(ValueError, match="AutoEP shards HF MoE backbones only"):
