@@ -24,6 +24,7 @@ HF_MOE_BACKBONES = {
     "deepseek_v2": ("n_routed_experts", "moe_intermediate_size"),
     "deepseek_v3": ("n_routed_experts", "moe_intermediate_size"),
 }
+_SIZE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 # Router features of MegaMoE's own MoE layers that an HF backbone's router does not have.
 _OWN_ROUTER_ONLY = {
     "capacity_factor": None,
@@ -154,13 +155,7 @@ class MegaMoEConfig(PreTrainedConfig):
             _require(ok, name, f"expected {_type_name(expected)}, got {type(value).__name__} {value!r}")
 
     def _validate_architecture(self) -> None:
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "intermediate_size",
-        ):
+        for name in _SIZE_FIELDS:
             _require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         _require(
             self.hidden_size % self.num_attention_heads == 0,
@@ -234,13 +229,7 @@ class MegaMoEConfig(PreTrainedConfig):
         # The config object, not the dict: transformers 5 aliases fields per architecture (attribute_map).
         hf_config = AutoConfig.for_model(**self.backbone)
         experts_field, width_field = HF_MOE_BACKBONES[model_type]
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "intermediate_size",
-        ):
+        for name in _SIZE_FIELDS:
             setattr(self, name, getattr(hf_config, name))
         self.max_position_embeddings = hf_config.max_position_embeddings
         self.num_experts = getattr(hf_config, experts_field)
