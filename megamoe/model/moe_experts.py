@@ -6,6 +6,8 @@ Weights are stored (out_features, in_features) like ``nn.Linear`` and HF's fused
 checkpoint's FFN is copied into every expert as is (sparse upcycling).
 """
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -60,6 +62,9 @@ class _GatedActivation(torch.autograd.Function):
         gate_NF, up_NF = h_N2F.chunk(2, dim=-1)
         ctx.save_for_backward(h_N2F)
         ctx.act_fn, ctx.act_name = act_fn, act_name
+        if act_name in _CLOSED_FORM:
+            # One [N, F] buffer: act(gate) is written into the output, which is then scaled by up in place.
+            return _CLOSED_FORM[act_name][0](gate_NF).mul_(up_NF)
         return act_fn(gate_NF) * up_NF
 
     @staticmethod
@@ -68,22 +73,44 @@ class _GatedActivation(torch.autograd.Function):
         gate_NF, up_NF = h_N2F.chunk(2, dim=-1)
         grad_h_N2F = torch.empty_like(h_N2F)
         grad_gate_NF, grad_up_NF = grad_h_N2F.chunk(2, dim=-1)
-        grad_act_NF = grad_NF * up_NF
-        if ctx.act_name == "silu":
-            grad_gate_NF.copy_(torch.ops.aten.silu_backward(grad_act_NF, gate_NF))
-            torch.mul(grad_NF, F.silu(gate_NF), out=grad_up_NF)
-        elif ctx.act_name in ("gelu", "gelu_pytorch_tanh"):
-            approximate = "none" if ctx.act_name == "gelu" else "tanh"
-            grad_gate_NF.copy_(torch.ops.aten.gelu_backward(grad_act_NF, gate_NF, approximate=approximate))
-            torch.mul(grad_NF, F.gelu(gate_NF, approximate=approximate), out=grad_up_NF)
+        if ctx.act_name in _CLOSED_FORM:
+            # Both halves written in place, no temporary: grad_gate = act'(gate) * (grad * up),
+            # grad_up = act(gate) * grad.
+            act_out, act_backward_out = _CLOSED_FORM[ctx.act_name][1:]
+            torch.mul(grad_NF, up_NF, out=grad_gate_NF)
+            act_backward_out(grad_gate_NF, gate_NF, grad_gate_NF)
+            act_out(gate_NF, grad_up_NF)
+            grad_up_NF.mul_(grad_NF)
         else:
             with torch.enable_grad():
                 gate = gate_NF.detach().requires_grad_()
                 act_NF = ctx.act_fn(gate)
-            (grad_gate,) = torch.autograd.grad(act_NF, gate, grad_act_NF)
+            (grad_gate,) = torch.autograd.grad(act_NF, gate, grad_NF * up_NF)
             grad_gate_NF.copy_(grad_gate)
             torch.mul(grad_NF, act_NF.detach(), out=grad_up_NF)
         return grad_h_N2F, None, None
+
+
+# Activations with a closed-form backward: (act(x) -> new tensor, act(x, out), act_backward(grad, x, out)).
+_CLOSED_FORM: dict[str, tuple[Callable[..., torch.Tensor], ...]] = {
+    "silu": (
+        F.silu,
+        lambda x, out: torch.ops.aten.silu.out(x, out=out),
+        lambda grad, x, out: torch.ops.aten.silu_backward.grad_input(grad, x, grad_input=out),
+    ),
+    "gelu": (
+        F.gelu,
+        lambda x, out: torch.ops.aten.gelu.out(x, out=out),
+        lambda grad, x, out: torch.ops.aten.gelu_backward.grad_input(grad, x, grad_input=out),
+    ),
+    "gelu_pytorch_tanh": (
+        lambda x: F.gelu(x, approximate="tanh"),
+        lambda x, out: torch.ops.aten.gelu.out(x, approximate="tanh", out=out),
+        lambda grad, x, out: torch.ops.aten.gelu_backward.grad_input(
+            grad, x, approximate="tanh", grad_input=out
+        ),
+    ),
+}
 
 
 class FeedForward(nn.Module):

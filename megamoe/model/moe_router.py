@@ -78,8 +78,10 @@ class TopKRouter(nn.Module):
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
 
         with torch.no_grad():
-            mask_TK = token_mask_T[:, None].expand_as(expert_ids_TK)
-            tokens_per_expert_E = torch.bincount(expert_ids_TK[mask_TK], minlength=self.num_experts)
+            # Padding counts in a sentinel bin E that is cut off: no boolean-mask indexing (a host sync).
+            sentinel_ids_TK = torch.where(token_mask_T[:, None], expert_ids_TK, self.num_experts)
+            tokens_per_expert_E = torch.bincount(sentinel_ids_TK.reshape(-1), minlength=self.num_experts + 1)
+            tokens_per_expert_E = tokens_per_expert_E[: self.num_experts]
         return RouterOutput(
             weights_TK=weights_TK.to(x_TD.dtype),
             expert_ids_TK=expert_ids_TK,

@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 from torch import nn
+from transformers.activations import ACT2FN
 
-from megamoe.model.moe_dispatch import expert_capacity, plan_dispatch
-from megamoe.model.moe_experts import FeedForward, GroupedExperts, grouped_linear
+from megamoe.model.moe_dispatch import expert_capacity, permute, plan_dispatch, unpermute
+from megamoe.model.moe_experts import FeedForward, GroupedExperts, _GatedActivation, grouped_linear
 from megamoe.model.moe_layer import MoEFeedForward
 from megamoe.model.moe_losses import load_balancing_loss, router_z_loss
 
@@ -339,3 +340,75 @@ def test_jitter_noise_only_in_training():
     torch.testing.assert_close(layer(x, mask)[0], layer(x, mask)[0], rtol=0, atol=0)
     layer.train()
     assert not torch.equal(layer(x, mask)[1].z_loss, layer(x, mask)[1].z_loss)
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+@pytest.mark.parametrize(
+    ("padding", "capacity_factor"), [(False, None), (True, None), (False, 0.5), (True, 0.75)]
+)
+def test_permute_and_unpermute_gradients_match_autograd(top_k, padding, capacity_factor):
+    """The gather-based autograd Functions against gradcheck, and against index_select / index_add."""
+    num_tokens, num_experts = 9, 4
+    ids_TK = torch.stack([torch.randperm(num_experts)[:top_k] for _ in range(num_tokens)])
+    mask_T = torch.ones(num_tokens, dtype=torch.bool)
+    if padding:
+        mask_T[[2, 7]] = False
+    weights_TK = torch.rand(num_tokens, top_k, dtype=torch.float64, requires_grad=True)
+
+    def make_plan(weights_TK):
+        return plan_dispatch(
+            expert_ids_TK=ids_TK,
+            weights_TK=weights_TK,
+            token_mask_T=mask_T,
+            num_experts=num_experts,
+            capacity_factor=capacity_factor,
+        )
+
+    plan = make_plan(weights_TK)
+    assert (plan.kept_KT is None) == (not padding and capacity_factor is None)
+    x_TD = torch.randn(num_tokens, 5, dtype=torch.float64, requires_grad=True)
+    y_ND = torch.randn(plan.token_idx_N.numel(), 5, dtype=torch.float64, requires_grad=True)
+
+    torch.autograd.gradcheck(lambda x: permute(x, plan), (x_TD,))
+    torch.autograd.gradcheck(lambda y, w: unpermute(y, make_plan(w), num_tokens), (y_ND, weights_TK))
+
+    # Same values and gradients as the scatter formulation the Functions replace.
+    x_ND = permute(x_TD, plan)
+    torch.testing.assert_close(x_ND, x_TD[plan.token_idx_N])
+    grad_ND = torch.randn_like(x_ND)
+    (grad_x,) = torch.autograd.grad(x_ND, x_TD, grad_ND)
+    torch.testing.assert_close(grad_x, torch.zeros_like(x_TD).index_add(0, plan.token_idx_N, grad_ND))
+    y_TD = unpermute(y_ND, plan, num_tokens)
+    reference = torch.zeros_like(y_TD).index_add(0, plan.token_idx_N, y_ND * plan.weights_N[:, None])
+    torch.testing.assert_close(y_TD, reference)
+    grad_TD = torch.randn_like(y_TD)
+    for ours, ref in zip(
+        torch.autograd.grad(y_TD, [y_ND, weights_TK], grad_TD, retain_graph=True),
+        torch.autograd.grad(reference, [y_ND, weights_TK], grad_TD),
+        strict=True,
+    ):
+        torch.testing.assert_close(ours, ref)
+
+
+def test_unpermute_with_no_routed_rows_is_zero():
+    plan = plan_dispatch(
+        expert_ids_TK=torch.zeros(3, 2, dtype=torch.long),
+        weights_TK=torch.rand(3, 2),
+        token_mask_T=torch.zeros(3, dtype=torch.bool),
+        num_experts=2,
+    )
+    x_TD = torch.randn(3, 4, requires_grad=True)
+    y_TD = unpermute(permute(x_TD, plan), plan, 3)
+    assert torch.all(y_TD == 0)
+    y_TD.sum().backward()
+    assert torch.all(x_TD.grad == 0)
+
+
+@pytest.mark.parametrize("act_name", ["silu", "gelu", "gelu_pytorch_tanh", "relu"])
+def test_gated_activation_gradients(act_name):
+    """Closed-form (silu, gelu) and recomputed (others) backward of the fused gated activation."""
+    h_N2F = torch.randn(7, 10, dtype=torch.float64, requires_grad=True)
+    act_fn = ACT2FN[act_name]
+    torch.autograd.gradcheck(lambda h: _GatedActivation.apply(h, act_fn, act_name), (h_N2F,))
+    gate, up = h_N2F.chunk(2, dim=-1)
+    torch.testing.assert_close(_GatedActivation.apply(h_N2F, act_fn, act_name), act_fn(gate) * up)
