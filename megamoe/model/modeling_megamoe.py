@@ -22,7 +22,7 @@ from transformers.utils import ModelOutput
 from .configuration_megamoe import MegaMoEConfig
 from .moe_experts import FeedForward, GroupedExperts
 from .moe_layer import MoEFeedForward, RouterStats
-from .moe_losses import load_balancing_loss, router_z_loss
+from .moe_losses import routing_statistics
 from .moe_router import TopKRouter
 
 IGNORE_INDEX = -100
@@ -383,23 +383,18 @@ class MegaMoEHFBackbone(nn.Module):
     def _router_stats(
         self, layer_idx: int, logits_TE: torch.Tensor, token_mask_T: torch.Tensor
     ) -> RouterStats:
-        probs_TE = logits_TE.softmax(dim=-1)
-        expert_ids_TK = logits_TE.topk(self.top_k, dim=-1).indices
-        with torch.no_grad():
-            tokens_per_expert_E = torch.bincount(
-                expert_ids_TK[token_mask_T[:, None].expand_as(expert_ids_TK)], minlength=self.num_experts
-            )
+        statistics = routing_statistics(
+            router_logits_TE=logits_TE,
+            expert_ids_TK=logits_TE.topk(self.top_k, dim=-1).indices,
+            token_mask_T=token_mask_T,
+            num_experts=self.num_experts,
+        )
         return RouterStats(
             layer_idx=layer_idx,
-            aux_loss=load_balancing_loss(
-                router_probs_TE=probs_TE,
-                expert_ids_TK=expert_ids_TK,
-                token_mask_T=token_mask_T,
-                num_experts=self.num_experts,
-            ),
-            z_loss=router_z_loss(router_logits_TE=logits_TE, token_mask_T=token_mask_T),
-            tokens_per_expert=tokens_per_expert_E,
-            dropped_tokens=tokens_per_expert_E.new_zeros(()),
+            aux_loss=statistics.aux_loss,
+            z_loss=statistics.z_loss,
+            tokens_per_expert=statistics.tokens_per_expert_E,
+            dropped_tokens=statistics.tokens_per_expert_E.new_zeros(()),
         )
 
 

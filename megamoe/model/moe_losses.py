@@ -5,6 +5,8 @@ Padding tokens (``token_mask_T == False``) never count: they are excluded from b
 fractions and the mean router probabilities, for every K.
 """
 
+from typing import NamedTuple
+
 import torch
 
 
@@ -49,3 +51,40 @@ def router_z_loss(*, router_logits_TE: torch.Tensor, token_mask_T: torch.Tensor)
     mask_T = token_mask_T.to(router_logits_TE.dtype)
     log_z_T = torch.logsumexp(router_logits_TE, dim=-1)
     return (log_z_T.square() * mask_T).sum() / mask_T.sum().clamp(min=1.0)
+
+
+class RoutingStatistics(NamedTuple):
+    """One layer's router losses and load, over non-padding tokens (a NamedTuple: see `RouterOutput`)."""
+
+    aux_loss: torch.Tensor
+    z_loss: torch.Tensor
+    tokens_per_expert_E: torch.Tensor
+    """(token, slot) assignments per expert, int64, no gradient."""
+
+
+def routing_statistics(
+    *,
+    router_logits_TE: torch.Tensor,
+    expert_ids_TK: torch.Tensor,
+    token_mask_T: torch.Tensor,
+    num_experts: int,
+    router_probs_TE: torch.Tensor | None = None,
+) -> RoutingStatistics:
+    """The load-balancing loss, the z-loss and the expert load of one layer's routing decisions.
+
+    ``router_probs_TE``: the softmax of the logits when the caller has it already (else computed here).
+    """
+    with torch.no_grad():
+        # Padding counts in a sentinel bin E that is cut off: no boolean-mask indexing (a host sync).
+        sentinel_ids_TK = torch.where(token_mask_T[:, None], expert_ids_TK, num_experts)
+        tokens_per_expert_E = torch.bincount(sentinel_ids_TK.reshape(-1), minlength=num_experts + 1)
+    return RoutingStatistics(
+        aux_loss=load_balancing_loss(
+            router_probs_TE=router_logits_TE.softmax(dim=-1) if router_probs_TE is None else router_probs_TE,
+            expert_ids_TK=expert_ids_TK,
+            token_mask_T=token_mask_T,
+            num_experts=num_experts,
+        ),
+        z_loss=router_z_loss(router_logits_TE=router_logits_TE, token_mask_T=token_mask_T),
+        tokens_per_expert_E=tokens_per_expert_E[:num_experts],
+    )

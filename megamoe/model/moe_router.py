@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .moe_losses import load_balancing_loss, router_z_loss
+from .moe_losses import routing_statistics
 
 
 class RouterOutput(NamedTuple):
@@ -77,21 +77,18 @@ class TopKRouter(nn.Module):
         if self.norm_topk_prob:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
 
-        with torch.no_grad():
-            # Padding counts in a sentinel bin E that is cut off: no boolean-mask indexing (a host sync).
-            sentinel_ids_TK = torch.where(token_mask_T[:, None], expert_ids_TK, self.num_experts)
-            tokens_per_expert_E = torch.bincount(sentinel_ids_TK.reshape(-1), minlength=self.num_experts + 1)
-            tokens_per_expert_E = tokens_per_expert_E[: self.num_experts]
+        statistics = routing_statistics(
+            router_logits_TE=router_logits_TE,
+            router_probs_TE=router_probs_TE,
+            expert_ids_TK=expert_ids_TK,
+            token_mask_T=token_mask_T,
+            num_experts=self.num_experts,
+        )
         return RouterOutput(
             weights_TK=weights_TK.to(x_TD.dtype),
             expert_ids_TK=expert_ids_TK,
-            tokens_per_expert_E=tokens_per_expert_E,
+            tokens_per_expert_E=statistics.tokens_per_expert_E,
             router_logits_TE=router_logits_TE,
-            aux_loss=load_balancing_loss(
-                router_probs_TE=router_probs_TE,
-                expert_ids_TK=expert_ids_TK,
-                token_mask_T=token_mask_T,
-                num_experts=self.num_experts,
-            ),
-            z_loss=router_z_loss(router_logits_TE=router_logits_TE, token_mask_T=token_mask_T),
+            aux_loss=statistics.aux_loss,
+            z_loss=statistics.z_loss,
         )
