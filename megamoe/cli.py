@@ -59,9 +59,11 @@ def train(args: argparse.Namespace) -> int:
     except (ConfigError, TopologyError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    rank = dist.get_rank() if dist.is_initialized() else 0
     if dist.is_initialized():
         dist.destroy_process_group()  # exiting with live gloo / NCCL threads can abort the process
-    print(f"run directory: {result.run_dir}")
+    if rank == 0:
+        print(f"run directory: {result.run_dir}")
     return 0
 
 
