@@ -24,7 +24,7 @@ def describe(args: argparse.Namespace) -> int:
         return 2
     with torch.device("meta"):
         model = MegaMoEForMultiTask(config)
-    moe_layers = [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
+    moe_layers = config.moe_layers()
     total, active = model.num_parameters(), model.num_active_parameters()
     if config.backbone is not None:
         print(f"backbone          HF {config.backbone['model_type']} (its own attention, router and experts)")

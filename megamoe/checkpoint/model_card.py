@@ -305,12 +305,8 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-def _moe_layers(config: MegaMoEConfig) -> list[int]:
-    return [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
-
-
 def _summary(config: MegaMoEConfig, base_model: str | None) -> str:
-    moe = _moe_layers(config)
+    moe = config.moe_layers()
     kind = "encoder" if config.backbone is None else f"`{config.backbone['model_type']}` decoder backbone"
     if moe:
         shape = (
@@ -342,7 +338,7 @@ def _architecture_table(config: MegaMoEConfig, model_dir: Path) -> str:
     with torch.device("meta"):
         model = MegaMoEForMultiTask(config)
     total, active = model.num_parameters(), model.num_active_parameters()
-    moe = _moe_layers(config)
+    moe = config.moe_layers()
     rows: list[list[Any]] = [
         ["backbone", "MegaMoE" if config.backbone is None else f"HF `{config.backbone['model_type']}`"],
         ["layers", config.num_hidden_layers],

@@ -240,8 +240,15 @@ class MegaMoEConfig(PreTrainedConfig):
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         if self.backbone is not None:
-            return _routes(AutoConfig.for_model(**self.backbone), layer_idx)
+            return layer_idx in self.moe_layers()
         return self.moe_layer_freq > 0 and (layer_idx + 1) % self.moe_layer_freq == 0
+
+    def moe_layers(self) -> list[int]:
+        """Indices of the MoE layers: every `moe_layer_freq`-th, or an HF backbone's own pattern."""
+        if self.backbone is not None:
+            hf_config = AutoConfig.for_model(**self.backbone)  # built once, not per layer
+            return [i for i in range(self.num_hidden_layers) if _routes(hf_config, i)]
+        return [i for i in range(self.num_hidden_layers) if self.is_moe_layer(i)]
 
     @property
     def task_names(self) -> list[str]:
