@@ -213,16 +213,16 @@ def upcycle_bert_state_dict(
             ("ffn_norm", layout.ffn_norm),
         ):
             take(f"{ours}.{our_name}", path.format(i=i))
+        if not config.is_moe_layer(i):
+            take(f"{ours}.mlp.up_proj", layout.ffn_up.format(i=i))
+            take(f"{ours}.mlp.down_proj", layout.ffn_down.format(i=i))
+            continue
         dense_ffn = {
             "up_proj": tensor(layout.ffn_up.format(i=i)),
             "up_proj_bias": tensor(layout.ffn_up.format(i=i), "bias"),
             "down_proj": tensor(layout.ffn_down.format(i=i)),
             "down_proj_bias": tensor(layout.ffn_down.format(i=i), "bias"),
         }
-        if not config.is_moe_layer(i):
-            take(f"{ours}.mlp.up_proj", layout.ffn_up.format(i=i))
-            take(f"{ours}.mlp.down_proj", layout.ffn_down.format(i=i))
-            continue
         for name, dense in dense_ffn.items():
             copies = dense.expand(config.num_experts, *dense.shape).clone()
             if expert_noise_std > 0:

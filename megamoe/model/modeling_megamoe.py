@@ -28,6 +28,11 @@ from .moe_router import TopKRouter
 IGNORE_INDEX = -100
 
 
+def token_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """``[B, S]`` bool, True for real tokens (all of them without an attention mask)."""
+    return torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+
+
 class MegaMoERMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float):
         super().__init__()
@@ -292,9 +297,7 @@ class MegaMoEModel(MegaMoEPreTrainedModel):
                 f"sequence length {seq} exceeds max_position_embeddings={self.config.max_position_embeddings}; "
                 "truncate the inputs (tokenizer truncation=True, max_length=...)"
             )
-        token_mask_BS = (
-            torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        )
+        token_mask_BS = token_mask(input_ids, attention_mask)
         if position_ids is None:
             position_ids = torch.arange(seq, device=input_ids.device).expand(batch, seq)
 
@@ -345,7 +348,7 @@ class MegaMoEHFBackbone(nn.Module):
         self.backbone = AutoModel.from_config(AutoConfig.for_model(**config.backbone))
         # Which layers route (DeepSeek's first layers and Qwen's mlp_only_layers do not): one router-logit
         # tensor comes back per MoE layer, in this order.
-        self.moe_layer_indices = [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
+        self.moe_layer_indices = config.moe_layers()
 
     def forward(
         self,
@@ -358,9 +361,7 @@ class MegaMoEHFBackbone(nn.Module):
     ) -> MegaMoEModelOutput:
         if token_type_ids is not None and bool(token_type_ids.any()):
             raise ValueError(f"a {self.backbone.config.model_type} backbone has no token types")
-        token_mask_BS = (
-            torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        )
+        token_mask_BS = token_mask(input_ids, attention_mask)
         out = self.backbone(
             input_ids=input_ids,
             attention_mask=token_mask_BS.long(),
@@ -518,9 +519,7 @@ class MegaMoEForMultiTask(MegaMoEPreTrainedModel):
             output_hidden_states=output_hidden_states,
         )
         hidden_BSD = backbone.last_hidden_state
-        token_mask_BS = (
-            torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        )
+        token_mask_BS = token_mask(input_ids, attention_mask)
         logits = self.heads[task](hidden_BSD, token_mask_BS)
 
         stats = backbone.router_stats or []
