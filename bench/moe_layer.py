@@ -53,6 +53,7 @@ from torch import nn
 from transformers import Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
+from megamoe.engine.host_memory import THP_ENV, enable_transparent_huge_pages
 from megamoe.model.moe_experts import FeedForward, _grouped_mm_supported
 from megamoe.model.moe_layer import MoEFeedForward
 
@@ -101,6 +102,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument(
+        "--huge-pages",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=f"back CPU tensors of 2 MB and more with transparent huge pages ({THP_ENV}=1), as `megamoe train` "
+        "does; --no-huge-pages measures 4 KB pages (every fresh gradient page-faults)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--plot", type=Path, help="write the ratio-to-dense plot here (PNG)")
@@ -449,6 +457,10 @@ def plot(results: list[Result], path: Path, title: str) -> None:
 
 def main() -> None:
     args = parse_args()
+    # Before any tensor exists (PyTorch reads the switch at its first CPU allocation).
+    if not args.huge_pages:
+        os.environ[THP_ENV] = "0"
+    huge_pages = enable_transparent_huge_pages()
     if args.threads:
         torch.set_num_threads(args.threads)
     init_single_rank_group()
@@ -457,7 +469,8 @@ def main() -> None:
     where = device_name if args.device == "cuda" else f"{torch.get_num_threads()} CPU threads"
     environment = (
         f"torch {torch.__version__}, deepspeed {deepspeed.__version__}, transformers {transformers.__version__}, "
-        f"device {device_name}, {torch.get_num_threads()} threads, {args.dtype}; {megamoe_experts_path(args)}"
+        f"device {device_name}, {torch.get_num_threads()} threads, {args.dtype}, "
+        f"{THP_ENV}={int(huge_pages)}; {megamoe_experts_path(args)}"
     )
     print(environment)
     print(

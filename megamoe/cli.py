@@ -45,6 +45,9 @@ def describe(args: argparse.Namespace) -> int:
 
 def train(args: argparse.Namespace) -> int:
     """Train a multi-task MegaMoE from a YAML run config (under the deepspeed launcher or as one process)."""
+    from .engine.host_memory import enable_transparent_huge_pages
+
+    enable_transparent_huge_pages()  # before any tensor exists
     import torch.distributed as dist
 
     from .checkpoint.resume import CheckpointError
