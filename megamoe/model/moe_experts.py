@@ -30,29 +30,6 @@ def _grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return all(dim * x.element_size() % 16 == 0 for dim in weight.shape[1:])
 
 
-# Mean rows per expert up to which a widening projection runs transposed on CPU (see _runs_transposed).
-_TRANSPOSED_MAX_ROWS_PER_EXPERT = 1024
-
-
-def _runs_transposed(x_NI: torch.Tensor, weight_EOI: torch.Tensor) -> bool:
-    """Whether to compute ``weight[e] @ x[rows of e].T`` into an [O, N] output, used as a column-major [N, O].
-
-    On CPU, MKL threads a widening projection's (O > I) per-expert GEMM better in that orientation while the
-    experts get few rows. Forward + backward of the GLU experts, d=256, F=512, 2 threads, huge pages, 20
-    interleaved rounds, median: 64 experts x 128 rows 154 vs 162 ms, 32 x 256 143 vs 150 ms, 8 x 1024 129 vs
-    134 ms; at 8 x 4096 rows it loses (557 vs 519 ms, best of 8), hence the bound. Later ops take either
-    layout, and the gradients come back in the parameters' own layout. The row count must keep that layout's
-    stride 16-byte aligned: the elementwise ops after it produce the same layout for the next grouped GEMM.
-    """
-    num_rows, num_experts = x_NI.shape[0], weight_EOI.shape[0]
-    return (
-        x_NI.device.type == "cpu"
-        and weight_EOI.shape[1] > weight_EOI.shape[2]
-        and num_rows <= _TRANSPOSED_MAX_ROWS_PER_EXPERT * num_experts
-        and num_rows * x_NI.element_size() % 16 == 0
-    )
-
-
 def grouped_linear(
     x_NI: torch.Tensor,
     weight_EOI: torch.Tensor,
@@ -62,10 +39,7 @@ def grouped_linear(
     """``y[rows of e] = x[rows of e] @ weight[e].T + bias[e]`` for consecutive row groups of the given sizes."""
     if _grouped_mm_supported(x_NI, weight_EOI):
         offsets_E = torch.cumsum(tokens_per_expert_E, dim=0, dtype=torch.int32)
-        if _runs_transposed(x_NI, weight_EOI):
-            y_NO = F.grouped_mm(weight_EOI, x_NI.t(), offs=offsets_E).t()
-        else:
-            y_NO = F.grouped_mm(x_NI, weight_EOI.transpose(-2, -1), offs=offsets_E)
+        y_NO = F.grouped_mm(x_NI, weight_EOI.transpose(-2, -1), offs=offsets_E)
     else:
         # unbind, not weight[e]: each indexing op's backward would allocate a zero gradient of the whole stack.
         chunks = x_NI.split(tokens_per_expert_E.tolist())
