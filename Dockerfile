@@ -38,7 +38,8 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# pdsh + ssh for DeepSpeed's launcher; libaio for ZeRO-Infinity NVMe offload (async_io op). No sudo.
+# pdsh + ssh for DeepSpeed's launcher; libaio for ZeRO-Infinity NVMe offload (async_io op); tcmalloc, which
+# `megamoe train` preloads when it runs on CPU (the -dev package: its name is the same on every Ubuntu). No sudo.
 # The host keys openssh-server generates on install would be shared by every container of the image:
 # remove them; launch/sshd.sh makes the container's own at start. Nodes' host keys are new in every
 # container, so ssh accepts a new one (and refuses a changed one).
@@ -48,7 +49,7 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends \
         python3 python3-dev python3-venv build-essential \
         pdsh openssh-server openssh-client \
-        libaio-dev ca-certificates \
+        libaio-dev libgoogle-perftools-dev ca-certificates \
     && rm -rf /var/lib/apt/lists/* /etc/ssh/ssh_host_* \
     && printf 'Host *\n    StrictHostKeyChecking accept-new\n' >/etc/ssh/ssh_config.d/50-megamoe.conf
 

@@ -53,7 +53,14 @@ from torch import nn
 from transformers import Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
-from megamoe.engine.host_memory import THP_ENV, enable_transparent_huge_pages
+from megamoe.engine.host_memory import (
+    ALLOCATOR_CHOICES,
+    ALLOCATOR_ENV,
+    THP_ENV,
+    caching_allocator_in_use,
+    enable_transparent_huge_pages,
+    restart_with_caching_allocator,
+)
 from megamoe.model.moe_experts import FeedForward, _grouped_mm_supported
 from megamoe.model.moe_layer import MoEFeedForward
 
@@ -108,6 +115,13 @@ def parse_args() -> argparse.Namespace:
         default=True,
         help=f"back CPU tensors of 2 MB and more with transparent huge pages ({THP_ENV}=1), as `megamoe train` "
         "does; --no-huge-pages measures 4 KB pages (every fresh gradient page-faults)",
+    )
+    parser.add_argument(
+        "--allocator",
+        choices=ALLOCATOR_CHOICES,
+        default="auto",
+        help="CPU malloc for every implementation: the bench restarts itself with tcmalloc / jemalloc preloaded "
+        "as `megamoe train` does (auto: tcmalloc, else jemalloc, else glibc); system keeps glibc's",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write the results here")
@@ -311,6 +325,35 @@ def megamoe_experts_path(args: argparse.Namespace) -> str:
     )
 
 
+def small_gemm_probe(args: argparse.Namespace, groups: int = 64, rows: int = 128, repeats: int = 11) -> str:
+    """How much slower ``groups`` GEMMs of ``rows`` rows are than one GEMM of the same FLOPs, on this machine now.
+
+    The expert GEMMs at E=64, T=4096 are exactly such 128-row GEMMs. On the 2-vCPU VM of docs/benchmarks.md
+    their speed is bimodal from one process (or hour) to the next -- 32 or 52 ms for the 64 ``gate_up``
+    projections while the single GEMM stays at 24 ms -- and megamoe's E=64 ratio follows it; this line says
+    which regime a run was in.
+    """
+    x = torch.randn(groups * rows, args.hidden)
+    weight = torch.randn(groups, 2 * args.expert_width, args.hidden)
+    offsets = torch.arange(1, groups + 1, dtype=torch.int32) * rows
+
+    def median_ms(fn: Callable[[], torch.Tensor]) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
+
+    grouped = median_ms(lambda: F.grouped_mm(x, weight.transpose(-2, -1), offs=offsets))
+    single = median_ms(lambda: x @ weight[0].t())
+    return (
+        f"small-GEMM probe: {groups} x [{rows}x{args.hidden} @ {args.hidden}x{2 * args.expert_width}] "
+        f"grouped_mm {grouped:.1f} ms vs one GEMM of the same FLOPs {single:.1f} ms ({grouped / single:.2f}x)"
+    )
+
+
 def run_config(args: argparse.Namespace, experts: int, tokens: int) -> list[Result]:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     generator = torch.Generator().manual_seed(args.seed)
@@ -457,6 +500,12 @@ def plot(results: list[Result], path: Path, title: str) -> None:
 
 def main() -> None:
     args = parse_args()
+    if args.device == "cpu":
+        os.environ[ALLOCATOR_ENV] = args.allocator
+        try:
+            restart_with_caching_allocator()  # the same command line again, the allocator preloaded
+        except ValueError as err:
+            raise SystemExit(f"error: {err}") from None
     # Before any tensor exists (PyTorch reads the switch at its first CPU allocation).
     if not args.huge_pages:
         os.environ[THP_ENV] = "0"
@@ -470,8 +519,10 @@ def main() -> None:
     environment = (
         f"torch {torch.__version__}, deepspeed {deepspeed.__version__}, transformers {transformers.__version__}, "
         f"device {device_name}, {torch.get_num_threads()} threads, {args.dtype}, "
-        f"{THP_ENV}={int(huge_pages)}; {megamoe_experts_path(args)}"
+        f"{THP_ENV}={int(huge_pages)}, malloc {caching_allocator_in_use() or 'glibc'}; {megamoe_experts_path(args)}"
     )
+    if args.device == "cpu" and hasattr(F, "grouped_mm"):
+        environment += f"; {small_gemm_probe(args)}"
     print(environment)
     print(
         f"d={args.hidden} F={args.expert_width} k={args.top_k}, dense width {args.top_k * args.expert_width}; "

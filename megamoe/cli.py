@@ -43,6 +43,16 @@ def describe(args: argparse.Namespace) -> int:
     return 0
 
 
+def restart_cpu_training_with_caching_allocator() -> None:
+    """On a machine without CUDA, restart under tcmalloc/jemalloc (megamoe.engine.host_memory says why)."""
+    import torch
+
+    from .engine.host_memory import restart_with_caching_allocator
+
+    if not torch.cuda.is_available():
+        restart_with_caching_allocator()
+
+
 def train(args: argparse.Namespace) -> int:
     """Train a multi-task MegaMoE from a YAML run config (under the deepspeed launcher or as one process)."""
     from .engine.host_memory import enable_transparent_huge_pages
@@ -339,6 +349,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.texts += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if argv is None and args.handler is train:
+        # Only a process that is `megamoe train` itself (not a caller of main) may re-execute its command line.
+        try:
+            restart_cpu_training_with_caching_allocator()
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     return args.handler(args)
 
 

@@ -30,6 +30,7 @@ from .engine.deepspeed_engine import (
     merge_user_deepspeed_config,
     user_deepspeed_config_path,
 )
+from .engine.host_memory import describe_host_memory
 from .engine.run_logger import RunLogger
 from .engine.trainer import StepRecord, Trainer
 from .model import MegaMoEConfig, MegaMoEForMultiTask
@@ -143,6 +144,8 @@ def run(
     )
     rank, world_size = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(config.train.seed + rank)  # every rank built the same model; dropout differs per rank
+    if rank == 0 and not torch.cuda.is_available():
+        print(describe_host_memory())  # CPU speed hinges on it (megamoe.engine.host_memory)
     if rank == 0:  # the run as it ran, overrides applied (the model card shows it)
         (run_dir / RUN_CONFIG_FILENAME).write_text(yaml.safe_dump(asdict(config), sort_keys=False))
 

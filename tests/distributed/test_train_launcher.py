@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
+from megamoe.engine.host_memory import find_allocator_library
 from tests.distributed.launcher import deepspeed_launch
 
 pytestmark = pytest.mark.slow
@@ -49,6 +50,9 @@ def launched(tmp_path_factory):
 def test_the_run_directory_is_complete(launched):
     _, run_dir, result = launched
     assert f"run directory: {run_dir}" in result.stdout
+    # The ranks restarted themselves under tcmalloc where it is installed (.ci/run installs it).
+    allocator = "tcmalloc" if find_allocator_library("tcmalloc") else "system malloc"
+    assert f"host memory: {allocator}, transparent huge pages on" in result.stdout
     assert set(json.loads((run_dir / "metrics.json").read_text())) == {"topic", "ner", "sentiment"}
     assert len(json.loads((run_dir / "history.json").read_text())) == STEPS
     assert json.loads((run_dir / "deepspeed_config.json").read_text())["zero_optimization"]["stage"] == 2

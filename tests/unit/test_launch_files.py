@@ -18,7 +18,11 @@ from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN_SH = ROOT / "launch" / "train.sh"
-SHELL_SCRIPTS = [TRAIN_SH, ROOT / "launch" / "sshd.sh", ROOT / "launch" / "slurm.sbatch"]
+SHELL_SCRIPTS = [
+    *sorted((ROOT / "launch").glob("*.sh")),
+    ROOT / "launch" / "slurm.sbatch",
+    ROOT / ".ci" / "run",
+]
 # Dockerfile ARG -> the distribution it pins.
 PINNED = {"TORCH_VERSION": "torch", "DEEPSPEED_VERSION": "deepspeed", "TRANSFORMERS_VERSION": "transformers"}
 SECRET = "hf_abcdefghijklmnopqrstuvwxyz0123"
