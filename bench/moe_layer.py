@@ -331,7 +331,7 @@ def small_gemm_probe(args: argparse.Namespace, groups: int = 64, rows: int = 128
     The expert GEMMs at E=64, T=4096 are exactly such 128-row GEMMs. On the 2-vCPU VM of docs/benchmarks.md
     their speed is bimodal from one process (or hour) to the next -- 32 or 52 ms for the 64 ``gate_up``
     projections while the single GEMM stays at 24 ms -- and megamoe's E=64 ratio follows it; this line says
-    which regime a run was in.
+    which regime the run started in (it can flip within minutes). bench/grouped_gemm.py breaks all six down.
     """
     x = torch.randn(groups * rows, args.hidden)
     weight = torch.randn(groups, 2 * args.expert_width, args.hidden)
