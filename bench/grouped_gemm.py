@@ -17,7 +17,6 @@ or exactly T*k/E each (``--uniform``).
 """
 
 import argparse
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -27,7 +26,6 @@ import torch.nn.functional as F
 
 from megamoe.engine.host_memory import (
     ALLOCATOR_CHOICES,
-    ALLOCATOR_ENV,
     caching_allocator_in_use,
     enable_transparent_huge_pages,
     restart_with_caching_allocator,
@@ -112,9 +110,8 @@ def dense_gemms(args: argparse.Namespace) -> dict[str, Callable[[], torch.Tensor
 
 def main() -> None:
     args = parse_args()
-    os.environ[ALLOCATOR_ENV] = args.allocator
     try:
-        restart_with_caching_allocator()  # the same command line again, the allocator preloaded
+        restart_with_caching_allocator(args.allocator)  # the same command line again, the allocator preloaded
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
     enable_transparent_huge_pages()  # before any tensor, like `megamoe train`

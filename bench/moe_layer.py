@@ -49,13 +49,13 @@ import torch
 import torch.nn.functional as F
 import transformers
 from deepspeed.moe.layer import MoE
+from grouped_gemm import median_ms  # bench/ is on sys.path when a bench script runs
 from torch import nn
 from transformers import Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
 from megamoe.engine.host_memory import (
     ALLOCATOR_CHOICES,
-    ALLOCATOR_ENV,
     THP_ENV,
     caching_allocator_in_use,
     enable_transparent_huge_pages,
@@ -336,18 +336,14 @@ def small_gemm_probe(args: argparse.Namespace, groups: int = 64, rows: int = 128
     x = torch.randn(groups * rows, args.hidden)
     weight = torch.randn(groups, 2 * args.expert_width, args.hidden)
     offsets = torch.arange(1, groups + 1, dtype=torch.int32) * rows
-
-    def median_ms(fn: Callable[[], torch.Tensor]) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
-
-    grouped = median_ms(lambda: F.grouped_mm(x, weight.transpose(-2, -1), offs=offsets))
-    single = median_ms(lambda: x @ weight[0].t())
+    times = median_ms(
+        {
+            "grouped": lambda: F.grouped_mm(x, weight.transpose(-2, -1), offs=offsets),
+            "single": lambda: x @ weight[0].t(),
+        },
+        repeats,
+    )
+    grouped, single = times["grouped"], times["single"]
     return (
         f"small-GEMM probe: {groups} x [{rows}x{args.hidden} @ {args.hidden}x{2 * args.expert_width}] "
         f"grouped_mm {grouped:.1f} ms vs one GEMM of the same FLOPs {single:.1f} ms ({grouped / single:.2f}x)"
@@ -501,9 +497,10 @@ def plot(results: list[Result], path: Path, title: str) -> None:
 def main() -> None:
     args = parse_args()
     if args.device == "cpu":
-        os.environ[ALLOCATOR_ENV] = args.allocator
         try:
-            restart_with_caching_allocator()  # the same command line again, the allocator preloaded
+            restart_with_caching_allocator(
+                args.allocator
+            )  # the same command line again, the allocator preloaded
         except ValueError as err:
             raise SystemExit(f"error: {err}") from None
     # Before any tensor exists (PyTorch reads the switch at its first CPU allocation).

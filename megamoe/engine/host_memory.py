@@ -67,23 +67,26 @@ def find_allocator_library(name: str) -> str | None:
     return None
 
 
-def caching_allocator_choice() -> str:
-    """``$MEGAMOE_CPU_ALLOCATOR``: auto (tcmalloc, else jemalloc, else the system's), tcmalloc, jemalloc, system."""
-    choice = os.environ.get(ALLOCATOR_ENV, "auto").strip().lower() or "auto"
+def caching_allocator_choice(choice: str | None = None) -> str:
+    """``choice``, else ``$MEGAMOE_CPU_ALLOCATOR``: auto (tcmalloc, else jemalloc, else the system's), tcmalloc,
+    jemalloc or system."""
+    if choice is None:
+        choice = os.environ.get(ALLOCATOR_ENV, "auto").strip().lower() or "auto"
     if choice not in ALLOCATOR_CHOICES:
         raise ValueError(f"{ALLOCATOR_ENV}={choice!r}: use one of {', '.join(ALLOCATOR_CHOICES)}")
     return choice
 
 
-def restart_with_caching_allocator() -> None:
+def restart_with_caching_allocator(choice: str | None = None) -> None:
     """Re-execute this process's command line with tcmalloc or jemalloc preloaded; return if there is no need.
 
-    Returns at once when the allocator is already loaded, when ``$MEGAMOE_CPU_ALLOCATOR`` is ``system``, when
+    ``choice`` is one of ``ALLOCATOR_CHOICES``; None reads ``$MEGAMOE_CPU_ALLOCATOR`` (default ``auto``).
+    Returns at once when the allocator is already loaded, when the choice is ``system``, when
     this process was restarted already, and (``auto``) when no library is installed. Raises ``ValueError``
     when a named allocator is not installed. Only a process whose whole command line is a ``megamoe train``
     may call this: its argv runs again from the start, under the same PID (launchers keep waiting on it).
     """
-    choice = caching_allocator_choice()
+    choice = caching_allocator_choice(choice)
     if choice == "system" or caching_allocator_in_use() or os.environ.get(_RESTARTED_ENV):
         return
     names = tuple(ALLOCATOR_LIBRARIES) if choice == "auto" else (choice,)

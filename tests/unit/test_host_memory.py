@@ -119,3 +119,11 @@ def test_an_unknown_allocator_choice_lists_the_valid_ones(monkeypatch):
         ValueError, match="MEGAMOE_CPU_ALLOCATOR='mimalloc': use one of auto, system, tcmalloc"
     ):
         restart_with_caching_allocator()
+
+
+def test_an_explicit_choice_overrides_the_environment(monkeypatch):
+    monkeypatch.setenv(ALLOCATOR_ENV, "system")
+    assert host_memory.caching_allocator_choice("jemalloc") == "jemalloc"
+    assert host_memory.caching_allocator_choice() == "system"
+    with pytest.raises(ValueError, match="MEGAMOE_CPU_ALLOCATOR='mimalloc'"):
+        host_memory.caching_allocator_choice("mimalloc")
