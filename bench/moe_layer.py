@@ -37,7 +37,6 @@ import argparse
 import json
 import logging
 import os
-import socket
 import statistics
 import time
 from collections.abc import Callable
@@ -54,6 +53,7 @@ from torch import nn
 from transformers import Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
+from megamoe.engine.deepspeed_engine import init_distributed
 from megamoe.engine.host_memory import (
     ALLOCATOR_CHOICES,
     THP_ENV,
@@ -127,23 +127,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--plot", type=Path, help="write the ratio-to-dense plot here (PNG)")
     return parser.parse_args()
-
-
-def init_single_rank_group() -> None:
-    """DeepSpeed's MoE needs a process group: a 1-rank gloo group on a free local port."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    for key, value in {
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(port),
-        "RANK": "0",
-        "WORLD_SIZE": "1",
-        "LOCAL_RANK": "0",
-    }.items():
-        os.environ.setdefault(key, value)
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
 
 def swiglu(hidden: int, width: int) -> FeedForward:
@@ -509,7 +492,8 @@ def main() -> None:
     huge_pages = enable_transparent_huge_pages()
     if args.threads:
         torch.set_num_threads(args.threads)
-    init_single_rank_group()
+    init_distributed()  # DeepSpeed's MoE needs a process group: 1 rank unless launched
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     memory_metric = "CUDA peak alloc" if args.device == "cuda" else "saved activations"
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     where = device_name if args.device == "cuda" else f"{torch.get_num_threads()} CPU threads"

@@ -67,6 +67,14 @@ def test_the_run_directory_is_complete(launched):
     assert (run_dir / "model" / "expert_utilization.png").stat().st_size > 0
 
 
+def test_the_ranks_leave_no_shared_memory_behind(launched):
+    result = launched[2]
+    if "deepspeed_shm_comm_op built successfully" not in result.stdout + result.stderr:
+        pytest.skip("DeepSpeed's CPU shm all-reduce is not built here (needs a C++ compiler)")
+    port = result.args[result.args.index("--master_port") + 1]
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+
+
 def test_tensorboard_has_the_training_scalars(launched):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -19,15 +19,22 @@ from megamoe.engine.host_memory import (
 
 THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
-# What `megamoe train` does: import the CLI and the training code, switch huge pages on, then allocate.
+# What `megamoe train` does: import the CLI and the training code, switch huge pages on, then allocate. Prints
+# the VmFlags of the mapping that holds the tensor ("hg": marked for huge pages with madvise).
 ALLOCATE_AFTER_TRAIN_IMPORTS = """
 import megamoe.cli, megamoe.train
 from megamoe.engine.host_memory import enable_transparent_huge_pages
 print(enable_transparent_huge_pages())
 import torch
-x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-rollup = open("/proc/self/smaps_rollup").read().splitlines()
-print(next(int(line.split()[1]) for line in rollup if line.startswith("AnonHugePages:")))
+x = torch.ones(64 * 2**20 // 4)  # 64 MiB
+inside = False
+for line in open("/proc/self/smaps"):
+    fields = line.split()
+    if not fields[0].endswith(":"):  # a mapping's header: start-end perms offset dev inode [path]
+        start, end = (int(bound, 16) for bound in fields[0].split("-"))
+        inside = start <= x.data_ptr() < end
+    elif inside and fields[0] == "VmFlags:":
+        print(" ".join(fields[1:]))
 """
 
 # A process that restarts itself: it prints what it runs on before and after the call. After an execve the
@@ -64,12 +71,15 @@ def run_python(code: str, *args: str, env: dict[str, str]) -> list[str]:
     not THP_MODE.exists() or "[never]" in THP_MODE.read_text(),
     reason="the kernel has no transparent huge pages",
 )
-def test_train_process_backs_large_cpu_tensors_with_huge_pages():
-    out = run_python(ALLOCATE_AFTER_TRAIN_IMPORTS, env=clean_env(**{ALLOCATOR_ENV: "system"}))
-    enabled, huge_kib = out[-2], int(out[-1])
-    assert enabled == "True"
-    # The 64 MiB tensor sits in 2 MiB pages (all but a partial first and last one at most).
-    assert huge_kib >= 60 * 1024, f"only {huge_kib} KiB in huge pages"
+@pytest.mark.parametrize("user_setting", [None, "0"])
+def test_train_process_marks_large_cpu_tensors_for_huge_pages(user_setting):
+    overrides = {ALLOCATOR_ENV: "system"} | ({THP_ENV: user_setting} if user_setting else {})
+    out = run_python(ALLOCATE_AFTER_TRAIN_IMPORTS, env=clean_env(**overrides))
+    enabled, vm_flags = out[-2] == "True", out[-1].split()
+    assert enabled == (user_setting is None)
+    # Marked for huge pages ("hg") unless the user switched them off. How many the kernel then backs it with
+    # depends on the host's free memory (a CI host with 2 GiB free backed 36 of the 64 MiB): not asserted.
+    assert ("hg" in vm_flags) == enabled, vm_flags
 
 
 def test_a_huge_pages_value_the_user_set_is_kept(monkeypatch):
