@@ -223,7 +223,8 @@ def init_distributed(timeout_minutes: float = 30.0) -> None:
         verbose=False,
         timeout=timeout,
     )
-    _unlink_shared_memory_workspace()
+    if backend == "gloo":  # only DeepSpeed's CPU accelerator has the shm all-reduce
+        _unlink_shared_memory_workspace()
 
 
 def _unlink_shared_memory_workspace() -> None:
