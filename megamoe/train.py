@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import yaml
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from .checkpoint import hf_moe_config, load_hf_moe, upcycle_pretrained
 from .checkpoint.builtin_models import resolve_model_source
@@ -22,6 +22,7 @@ from .config import ExperimentConfig
 from .data.collate import MultiTaskCollator
 from .data.pipeline import TaskData, prepare_task_data
 from .data.sampling import build_batches
+from .data.tokenization import load_tokenizer
 from .engine.deepspeed_engine import (
     Engine,
     check_topology,
@@ -117,9 +118,10 @@ def run(
     # 1. Data: load every task, infer its labels, tokenize.
     tokenizer_source = config.model.tokenizer or config.model.base
     assert tokenizer_source is not None  # validated by ModelSection
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_source(tokenizer_source, config.data.cache_dir))
-    if tokenizer.pad_token is None:  # causal LMs (Mixtral, ...) ship none; padding is masked out anyway
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(
+        resolve_model_source(tokenizer_source, config.data.cache_dir),
+        pretokenized=any(task.type == "token_classification" for task in config.tasks.values()),
+    )
     tasks = prepare_task_data(config, tokenizer)
 
     # 2. Model and objective (task heads + loss weighting + router losses).

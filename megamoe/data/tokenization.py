@@ -5,16 +5,48 @@ and ``tags`` (one tag per word). Labels become ids through the task's label list
 it is an error naming the task, the row and the label, never a silent skip.
 """
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-from transformers import PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
 
 
 class LabelError(ValueError):
     """A label in the data that the task's label list does not know, or an id out of range."""
+
+
+def load_tokenizer(source: str | Path, *, pretokenized: bool) -> PreTrainedTokenizerBase:
+    """The training tokenizer of ``source``; ``pretokenized``: some task gives words, not text (NER).
+
+    Byte-level BPE (GPT-2, RoBERTa, BART, Qwen) marks a word start with the space before it (``ĠParis``); words
+    passed one by one have none, so without ``add_prefix_space`` every word after the first is cut into the
+    pieces of a word's middle (``Par`` ``is``) that pretraining rarely saw, and transformers does not warn.
+    HF's run_ner.py loads such tokenizers with ``add_prefix_space=True``; so does this, and the setting is saved
+    with the model, so `megamoe predict` splits words the same way.
+    """
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if pretokenized and _byte_level_without_prefix_space(tokenizer):
+        tokenizer = AutoTokenizer.from_pretrained(source, add_prefix_space=True)
+    if tokenizer.pad_token is None:  # causal LMs (Mixtral, ...) ship none; padding is masked out anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _byte_level_without_prefix_space(tokenizer: PreTrainedTokenizerBase) -> bool:
+    if not tokenizer.is_fast:
+        return False
+    pending = [json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer")]
+    while pending:  # the pre-tokenizer, or a Sequence of them (Qwen: Split, then ByteLevel)
+        step = pending.pop()
+        if isinstance(step, dict):
+            if step.get("type") == "ByteLevel" and not step.get("add_prefix_space"):
+                return True
+            pending.extend(step.get("pretokenizers", []))
+    return False
 
 
 def label_to_id(label: Any, label_index: dict[str, int], *, where: str) -> int:

