@@ -6,13 +6,16 @@ curriculum learning, and its ``load_checkpoint`` silently starts fresh when ``la
 checkpoint also gets, per rank, ``megamoe_rank<r>.pt`` (RNG states, the batch iterator's position, the
 rank-local part of the loss weighting), and a missing checkpoint is an error here.
 
-Layout: ``<run_dir>/checkpoints/<tag>/`` with ``tag = step_<n>``; DeepSpeed's ``latest`` file names the
-newest complete one (it is written after every rank has saved); ``megamoe.json`` records the step and the
-topology the shards depend on (checked before DeepSpeed touches anything); ``hf/`` holds the model config
-and tokenizer so a checkpoint alone can be exported to an HF directory (`megamoe export`).
+Layout: ``<run_dir>/checkpoints/<tag>/`` with ``tag = step_<n>``; ``latest`` names the newest complete one.
+DeepSpeed writes its ``latest`` when rank 0 is done, before the other ranks are (its barrier comes after) and
+before the files above exist, so a job killed in a save would resume from a half-written checkpoint: DeepSpeed
+is told not to, and ``latest`` is replaced atomically once every rank has written everything. ``megamoe.json``
+records the step and the topology the shards depend on (checked before DeepSpeed touches anything); ``hf/``
+holds the model config and tokenizer so a checkpoint alone can be exported to an HF directory (`megamoe export`).
 """
 
 import json
+import os
 import random
 import shutil
 from dataclasses import dataclass
@@ -38,7 +41,9 @@ class Stateful(Protocol):
 
 
 class DeepSpeedLike(Protocol):
-    def save_checkpoint(self, save_dir: str, tag: str, client_state: dict[str, Any]) -> Any: ...
+    def save_checkpoint(
+        self, save_dir: str, tag: str, client_state: dict[str, Any], save_latest: bool
+    ) -> Any: ...
 
     def load_checkpoint(self, load_dir: str, tag: str) -> tuple[str | None, dict[str, Any] | None]: ...
 
@@ -80,6 +85,16 @@ def read_run_info(tag_dir: Path) -> dict[str, Any]:
         return json.loads((tag_dir / RUN_INFO).read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{tag_dir} has no {RUN_INFO}: it was not written by megamoe") from None
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Readers see the old content or the new, never a partial file: write a sibling, then rename over."""
+    staging = path.with_name(f".{path.name}.tmp")
+    with open(staging, "w") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(staging, path)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -129,7 +144,7 @@ class Checkpointer:
     def save(self, step: int) -> Path:
         tag = tag_for(step)
         rank = dist.get_rank()
-        self.engine.save_checkpoint(str(self.directory), tag=tag, client_state={})
+        self.engine.save_checkpoint(str(self.directory), tag=tag, client_state={}, save_latest=False)
         tag_dir = self.directory / tag
         local = {"rng": _rng_state(), **{name: obj.state_dict() for name, obj in self.rank_local.items()}}
         torch.save(local, tag_dir / f"megamoe_rank{rank:05d}.pt")
@@ -138,9 +153,10 @@ class Checkpointer:
             (tag_dir / RUN_INFO).write_text(json.dumps(info, indent=2))
             if self.write_hf_files is not None:
                 self.write_hf_files(tag_dir / "hf")
-        dist.barrier()
+        dist.barrier()  # every rank's files are written: the checkpoint is complete
         if rank == 0:
-            self._prune()
+            _write_atomically(self.directory / LATEST, tag)
+            self._prune(tag)
         return tag_dir
 
     def load(self, path: str | Path) -> int:
@@ -166,7 +182,9 @@ class Checkpointer:
         _set_rng_state(local["rng"])
         return int(info["step"])
 
-    def _prune(self) -> None:
-        tags = sorted(p for p in self.directory.glob("step_*") if p.is_dir())
-        for stale in tags[: -self.keep_last]:
+    def _prune(self, newest: str) -> None:
+        """Keep ``newest`` and the ``keep_last - 1`` before it. Later tags are left alone: a save a killed job
+        did not finish (this run, resumed from before it, will overwrite it), or a branch the user resumed from."""
+        older = sorted(p for p in self.directory.glob("step_*") if p.is_dir() and p.name < newest)
+        for stale in older[: max(len(older) - (self.keep_last - 1), 0)]:
             shutil.rmtree(stale, ignore_errors=True)

@@ -1,0 +1,80 @@
+"""Checkpoints in one process (a real DeepSpeed engine, gloo, CPU): `latest` only ever names a complete one."""
+
+import pytest
+import torch
+
+from megamoe import MegaMoEForMultiTask
+from megamoe.checkpoint import resume
+from megamoe.checkpoint.resume import Checkpointer, Topology, resolve_checkpoint, tag_for
+from megamoe.config import TrainSection
+from megamoe.engine.deepspeed_engine import Engine, deepspeed_config
+from tests.conftest import tiny_config
+
+
+class Counter:
+    """A rank-local object DeepSpeed does not save (like the batch iterator)."""
+
+    def __init__(self) -> None:
+        self.position = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.position = state["position"]
+
+
+def make_checkpointer(run_dir, keep_last: int) -> tuple[Checkpointer, Counter]:
+    torch.manual_seed(0)
+    engine = Engine(
+        MegaMoEForMultiTask(tiny_config()), deepspeed_config(TrainSection(max_steps=4)), run_dir=run_dir
+    )
+    counter = Counter()
+    checkpointer = Checkpointer(
+        engine.engine,
+        run_dir / "checkpoints",
+        topology=Topology(1, 1, 0),
+        rank_local={"counter": counter},
+        keep_last=keep_last,
+    )
+    return checkpointer, counter
+
+
+def save_killed_after_deepspeed(checkpointer: Checkpointer, step: int, monkeypatch) -> None:
+    """The job dies after DeepSpeed wrote its shards of ``step``, before megamoe's own files."""
+
+    def killed() -> None:
+        raise KeyboardInterrupt("SIGTERM")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(resume, "_rng_state", killed)
+        with pytest.raises(KeyboardInterrupt):
+            checkpointer.save(step)
+    assert (checkpointer.directory / tag_for(step)).is_dir(), "DeepSpeed did write its part"
+
+
+def test_a_save_killed_midway_leaves_latest_on_the_previous_checkpoint(tmp_path, monkeypatch):
+    checkpointer, counter = make_checkpointer(tmp_path, keep_last=2)
+    counter.position = 1
+    checkpointer.save(1)
+    counter.position = 2
+    save_killed_after_deepspeed(checkpointer, 2, monkeypatch)
+    assert resolve_checkpoint(tmp_path).name == tag_for(1)
+    assert checkpointer.load(tmp_path) == 1 and counter.position == 1
+
+    # The next save that completes moves `latest`, through a rename (no staging file is left).
+    checkpointer.save(3)
+    assert resolve_checkpoint(tmp_path).name == tag_for(3)
+    checkpoints = tmp_path / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("step_*")) == [tag_for(2), tag_for(3)]
+    assert not list(checkpoints.glob(".latest*"))
+
+
+def test_pruning_never_removes_the_checkpoint_latest_names(tmp_path, monkeypatch):
+    checkpointer, _ = make_checkpointer(tmp_path, keep_last=1)
+    checkpointer.save(1)
+    save_killed_after_deepspeed(checkpointer, 4, monkeypatch)
+    # Resumed from step 1, the run saves step 2 (say every_steps changed): the unfinished step 4 sorts later.
+    checkpointer.save(2)
+    assert resolve_checkpoint(tmp_path).name == tag_for(2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == [tag_for(2), tag_for(4)]
