@@ -3,8 +3,38 @@
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from . import __version__
+
+
+def output_directory(value: str) -> str:
+    """argparse type: a directory to write into (it may exist), not an existing file."""
+    if Path(value).is_file():
+        raise argparse.ArgumentTypeError(f"{value} is a file; give a directory to write into")
+    return value
+
+
+def positive_int(value: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {number}")
+    return number
+
+
+def non_negative_float(value: str) -> float:
+    """argparse type: a number >= 0."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not number >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return number
 
 
 def describe(args: argparse.Namespace) -> int:
@@ -62,6 +92,8 @@ def train(args: argparse.Namespace) -> int:
 
     from .checkpoint.resume import CheckpointError
     from .config import ConfigError, load_config
+    from .data.local import DataError
+    from .data.tokenization import LabelError
     from .engine.deepspeed_engine import TopologyError
     from .train import run
 
@@ -69,7 +101,7 @@ def train(args: argparse.Namespace) -> int:
         config = load_config(args.config, args.overrides)
         resume = config.run_dir if args.resume is True else args.resume
         result = run(config, resume=resume)
-    except (ConfigError, TopologyError, CheckpointError) as err:
+    except (ConfigError, TopologyError, CheckpointError, DataError, LabelError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -263,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint",
         help="a run directory (its latest checkpoint), its checkpoints/, or a step_<n> directory",
     )
-    export_parser.add_argument("out_dir", help="the HF model directory to write")
+    export_parser.add_argument("out_dir", type=output_directory, help="the HF model directory to write")
     export_parser.set_defaults(handler=export)
 
     upcycle_parser = commands.add_parser(
@@ -274,7 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="a Hub id or local directory of a BERT, RoBERTa (XLM-R, CamemBERT) or DistilBERT model, or "
         "builtin:all-MiniLM-L6-v2 (offline)",
     )
-    upcycle_parser.add_argument("out", help="the MegaMoE checkpoint directory to write")
+    upcycle_parser.add_argument(
+        "out", type=output_directory, help="the MegaMoE checkpoint directory to write"
+    )
     upcycle_parser.add_argument(
         "--num-experts", type=int, default=8, help="experts per MoE layer (default 8)"
     )
@@ -284,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     upcycle_parser.add_argument(
         "--noise-std",
-        type=float,
+        type=non_negative_float,
         default=0.0,
         help="relative noise on each expert copy to break symmetry (default 0: exact copies)",
     )
@@ -305,7 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict_parser.add_argument(
         "--text-key", default="text", help="the text field of --file lines (default: text)"
     )
-    predict_parser.add_argument("--batch-size", type=int, default=32)
+    predict_parser.add_argument(
+        "--batch-size", type=positive_int, default=32, help="texts per forward pass (default 32)"
+    )
     predict_parser.set_defaults(handler=predict)
 
     push_parser = commands.add_parser(
@@ -334,7 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
         "prepare", help=data_prepare.__doc__, description=data_prepare.__doc__
     )
     prepare_parser.add_argument("names", nargs="*", help="datasets to prepare (default: all)")
-    prepare_parser.add_argument("--cache-dir", help="default: $MEGAMOE_CACHE or ~/.cache/megamoe")
+    prepare_parser.add_argument(
+        "--cache-dir", type=output_directory, help="default: $MEGAMOE_CACHE or ~/.cache/megamoe"
+    )
     prepare_parser.add_argument("--force", action="store_true", help="rebuild even when prepared")
     prepare_parser.set_defaults(handler=data_prepare)
     return parser

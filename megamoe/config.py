@@ -269,6 +269,7 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         _check(len(self.tasks) > 0, "tasks", "declare at least one task")
+        _check(not Path(self.run_dir).is_file(), "run_dir", f"{self.run_dir} is a file; give a directory")
 
 
 def _check(condition: bool, field_name: str, message: str) -> None:
@@ -283,6 +284,8 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raw = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path} is a directory; give the run config's YAML file") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
@@ -306,7 +309,10 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {override!r}: {part!r} is not a section")
-    node[leaf] = yaml.safe_load(value)
+    try:
+        node[leaf] = yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {override!r}: the value is not valid YAML ({err}); quote it") from None
 
 
 def from_dict(cls: type[T], data: Any, path: str = "") -> T:

@@ -3,6 +3,7 @@
 One visible build sequence; every piece is built here and handed to the next.
 """
 
+import inspect
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -11,14 +12,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import yaml
-from transformers import PreTrainedTokenizerBase
+from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from .checkpoint import hf_moe_config, load_hf_moe, upcycle_pretrained
 from .checkpoint.builtin_models import resolve_model_source
 from .checkpoint.export import export_checkpoint
 from .checkpoint.model_card import RUN_CONFIG_FILENAME, save_model_card
 from .checkpoint.resume import Checkpointer, Topology, resolve_checkpoint, tag_for
-from .config import ExperimentConfig
+from .config import ConfigError, ExperimentConfig
 from .data.collate import MultiTaskCollator
 from .data.pipeline import TaskData, prepare_task_data
 from .data.sampling import build_batches
@@ -78,7 +79,7 @@ def build_model(
         base = resolve_model_source(section.base, config.data.cache_dir)
         saved_tasks = MegaMoEConfig.from_pretrained(base).tasks
         if saved_tasks and saved_tasks != task_specs:
-            raise ValueError(
+            raise ConfigError(
                 f"{section.base} was trained for tasks {saved_tasks}, the run declares {task_specs}: "
                 "use init: upcycle / scratch, or the same tasks and labels"
             )
@@ -93,15 +94,45 @@ def build_model(
 
 
 def declared_model_config(config: ExperimentConfig) -> MegaMoEConfig:
-    """The architecture the run will build, read from config files only (before any heavy work)."""
+    """The architecture the run will build, read from config files only (before any heavy work).
+
+    A base that is missing or not what ``model.init`` needs, an unknown or invalid ``model.architecture``
+    field: `ConfigError` naming the key.
+    """
     section = config.model
-    if section.init in ("pretrained", "hf_moe"):
+    unknown = sorted(set(section.architecture) - _ARCHITECTURE_FIELDS)
+    if unknown:
+        raise ConfigError(
+            f"model.architecture: unknown key {unknown[0]!r}; MegaMoEConfig fields: {sorted(_ARCHITECTURE_FIELDS)}"
+        )
+    try:
+        if section.init == "scratch":
+            return MegaMoEConfig(**{"tasks": {}, **section.architecture})
         assert section.base is not None  # validated by ModelSection
         base = resolve_model_source(section.base, config.data.cache_dir)
         if section.init == "hf_moe":
             return hf_moe_config(base, tasks={}, **section.architecture)
-        return MegaMoEConfig.from_pretrained(base)
-    return MegaMoEConfig(**{"tasks": {}, **section.architecture})
+        found = AutoConfig.from_pretrained(base)
+        if section.init == "pretrained":
+            if not isinstance(found, MegaMoEConfig):
+                raise ConfigError(
+                    f"model.base: {section.base} holds a {found.model_type!r} model, not a MegaMoE one: use "
+                    "model.init: upcycle for a dense BERT-family encoder, hf_moe for an HF MoE model"
+                )
+            return found
+        return MegaMoEConfig(**{"tasks": {}, **section.architecture})  # upcycle: checked field by field
+    except ConfigError:
+        raise
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model: {err}") from None
+
+
+# What `model.architecture` may set: MegaMoEConfig's own fields (the tasks come from the run's `tasks`).
+_ARCHITECTURE_FIELDS = set(inspect.signature(MegaMoEConfig.__init__).parameters) - {
+    "self",
+    "tasks",
+    "backbone",
+}
 
 
 def run(
@@ -118,10 +149,14 @@ def run(
     # 1. Data: load every task, infer its labels, tokenize.
     tokenizer_source = config.model.tokenizer or config.model.base
     assert tokenizer_source is not None  # validated by ModelSection
-    tokenizer = load_tokenizer(
-        resolve_model_source(tokenizer_source, config.data.cache_dir),
-        pretokenized=any(task.type == "token_classification" for task in config.tasks.values()),
-    )
+    try:
+        tokenizer = load_tokenizer(
+            resolve_model_source(tokenizer_source, config.data.cache_dir),
+            pretokenized=any(task.type == "token_classification" for task in config.tasks.values()),
+        )
+    except (OSError, ValueError) as err:
+        key = "model.tokenizer" if config.model.tokenizer else "model.base"
+        raise ConfigError(f"{key}: cannot load a tokenizer from {tokenizer_source}: {err}") from None
     tasks = prepare_task_data(config, tokenizer)
 
     # 2. Model and objective (task heads + loss weighting + router losses).

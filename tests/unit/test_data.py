@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import pytest
 
@@ -155,6 +156,50 @@ def test_bad_sources_are_clear_errors(tmp_path):
     (tmp_path / "e" / "test.csv").write_text("text,label\n")
     with pytest.raises(DataError, match=r"e/test.csv: no data rows \(an empty split\)"):
         load_task_dataset(str(tmp_path / "e"), task_type="sequence_classification")
+
+
+@pytest.mark.parametrize(
+    ("task_type", "name", "content", "message"),
+    [
+        (
+            "sequence_classification",
+            "a.csv",
+            "text,label\nfine,pos\n,neg\n",
+            "column 'text', row 2: None is not a string",
+        ),
+        (
+            "sequence_classification",
+            "a.csv",
+            "text,label\nfine,pos\nbad,\n",
+            "column 'label', row 2: None is not a label",
+        ),
+        ("sequence_regression", "a.csv", "text,label\nfine,0.5\nbad,high\n", "row 2: 'high' is not a number"),
+        (
+            "token_classification",
+            "a.jsonl",
+            '{"tokens": "Paris", "tags": "B-LOC"}\n',
+            "row 1: 'Paris' is not a list of words",
+        ),
+        (
+            "token_classification",
+            "a.jsonl",
+            '{"tokens": ["Paris"], "tags": null}\n',
+            "row 1: None is not a list of tags",
+        ),
+    ],
+)
+def test_values_a_task_cannot_use_name_the_column_and_row(tmp_path, task_type, name, content, message):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(DataError, match=re.escape(message)):
+        load_task_dataset(str(path), task_type=task_type)
+
+
+def test_missing_sources_say_what_a_source_can_be(tmp_path):
+    with pytest.raises(DataError, match=r"nosuch\.csv: no such file or directory"):
+        load_task_dataset(str(tmp_path / "nosuch.csv"), task_type="sequence_classification")
+    with pytest.raises(DataError, match=r"unknown builtin dataset 'nosuch'; builtin datasets: \['bbc_news'"):
+        load_task_dataset("builtin:nosuch", task_type="sequence_classification")
 
 
 def test_hub_names_go_through_load_dataset_with_label_names(monkeypatch):

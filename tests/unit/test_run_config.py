@@ -83,9 +83,12 @@ def test_dotted_overrides(tmp_path):
             "parallel.offload_optimizer: ZeRO-Offload needs zero_stage >= 1",
         ),
         (["checkpoint.keep_last=0"], "checkpoint.keep_last: must be >= 1, got 0"),
+        (["train.lr=[1"], "override 'train.lr=[1': the value is not valid YAML"),
+        (["run_dir=run.yaml"], "run_dir: run.yaml is a file; give a directory"),
     ],
 )
-def test_bad_values_name_the_field(tmp_path, overrides, message):
+def test_bad_values_name_the_field(tmp_path, overrides, message, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError) as excinfo:
         load_config(write(tmp_path, YAML), overrides)
     assert message in str(excinfo.value)
@@ -94,6 +97,8 @@ def test_bad_values_name_the_field(tmp_path, overrides, message):
 def test_file_errors(tmp_path):
     with pytest.raises(ConfigError, match="no such config file"):
         load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="is a directory; give the run config's YAML file"):
+        load_config(tmp_path)
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(write(tmp_path, "tasks: [unclosed"))
     with pytest.raises(ConfigError, match="tasks: declare at least one task"):
