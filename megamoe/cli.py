@@ -185,8 +185,12 @@ def predict(args: argparse.Namespace) -> int:
             return 2
     try:
         predictor = MultiTaskPredictor.from_pretrained(args.model, batch_size=args.batch_size)
-        tasks_per_text = len(predictor.resolve_tasks(args.task, args.all_tasks))
     except (OSError, ValueError) as err:
+        print(f"error: cannot load a MegaMoE model from {args.model!r}: {err}", file=sys.stderr)
+        return 2
+    try:
+        tasks_per_text = len(predictor.resolve_tasks(args.task, args.all_tasks))
+    except ValueError as err:
         print(f"error: {err} (use --task NAME or --all-tasks)", file=sys.stderr)
         return 2
     with tqdm(total=len(texts), desc="predict", unit="text", disable=len(texts) < 256) as progress:

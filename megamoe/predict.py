@@ -15,10 +15,11 @@ from typing import Any
 
 import torch
 from seqeval.metrics.sequence_labeling import get_entities
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
+from .checkpoint.builtin_models import resolve_model_source
 from .data.tokenization import word_predictions
-from .model import MegaMoEForMultiTask
+from .model import MegaMoEConfig, MegaMoEForMultiTask
 
 _WORD = re.compile(r"\S+")
 
@@ -43,6 +44,13 @@ class MultiTaskPredictor:
     @classmethod
     def from_pretrained(cls, path: str, **kwargs: Any) -> "MultiTaskPredictor":
         """A model directory or Hub repo id holding a MegaMoE model and its tokenizer."""
+        path = resolve_model_source(path)
+        config = AutoConfig.from_pretrained(path)
+        if not isinstance(config, MegaMoEConfig):
+            raise ValueError(
+                f"{path} holds a {config.model_type!r} model, not a MegaMoE one (a trained run's model is "
+                "<run_dir>/model)"
+            )
         return cls(MegaMoEForMultiTask.from_pretrained(path), AutoTokenizer.from_pretrained(path), **kwargs)
 
     def resolve_tasks(self, task: str | None, all_tasks: bool = False) -> list[str]:

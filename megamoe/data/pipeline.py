@@ -1,5 +1,6 @@
 """From the run config's task list to tokenized splits: load, trim, infer labels, tokenize."""
 
+import re
 from dataclasses import dataclass
 from functools import partial
 
@@ -8,7 +9,9 @@ from transformers import PreTrainedTokenizerBase
 
 from ..config import ExperimentConfig, TaskConfig
 from .local import load_task_dataset
-from .tokenization import tokenize_sequence_batch, tokenize_token_batch
+from .tokenization import LabelError, tokenize_sequence_batch, tokenize_token_batch
+
+IOB2_TAG = re.compile(r"[BI]-.+")
 
 
 @dataclass
@@ -33,7 +36,17 @@ def infer_labels(splits: DatasetDict, task: TaskConfig) -> list[str]:
     Token tasks get the full IOB2 set: O first, then B-/I- for every entity type seen, grouped by type.
     """
     if task.type == "token_classification":
-        types = {tag[2:] for ds in splits.values() for tags in ds["tags"] for tag in tags if tag != "O"}
+        tags = {tag for ds in splits.values() for row in ds["tags"] for tag in row} - {"O"}
+        not_iob2 = sorted(
+            (tag for tag in tags if not (isinstance(tag, str) and IOB2_TAG.fullmatch(tag))), key=str
+        )
+        if not_iob2:
+            raise LabelError(
+                f"{task.source}: tags must be IOB2 names (O, B-TYPE, I-TYPE) for the label set to be inferred, "
+                f"got {not_iob2[:5]}: convert IOBES / bare types to IOB2, or declare the task's labels "
+                "(tag names, in id order for numeric tags)"
+            )
+        types = {tag[2:] for tag in tags}
         return ["O"] + [f"{prefix}-{entity}" for entity in sorted(types) for prefix in ("B", "I")]
     return sorted({label for ds in splits.values() for label in ds["label"]}, key=str)
 

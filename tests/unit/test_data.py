@@ -5,9 +5,13 @@ import os
 import re
 
 import pytest
+from datasets import Dataset, DatasetDict
 
+from megamoe.config import TaskConfig
 from megamoe.data.builtin import BUILTIN_DATASETS, cache_root, load_builtin, prepare_builtin
 from megamoe.data.local import DataError, load_task_dataset
+from megamoe.data.pipeline import infer_labels
+from megamoe.data.tokenization import LabelError
 
 WNUT_TYPES = {
     "company",
@@ -247,3 +251,22 @@ def test_wnut16_labels_round_trip_through_minilm_subtokens(prepared, cache):
         assert all(labels[label] == tag for label, tag in kept), f"row {i}"
         words_seen += len(kept)
     assert words_seen > 0.99 * sum(len(words) for words in rows["tokens"])
+
+
+def test_token_labels_are_inferred_from_iob2_tags_only():
+    task = TaskConfig(type="token_classification", source="ner.jsonl")
+
+    def splits(*rows):
+        return DatasetDict(
+            {"train": Dataset.from_dict({"tokens": [["w"] * len(r) for r in rows], "tags": list(rows)})}
+        )
+
+    assert infer_labels(splits(["B-PER", "I-PER", "O"], ["B-LOC"]), task) == [
+        "O",
+        "B-LOC",
+        "I-LOC",
+        "B-PER",
+        "I-PER",
+    ]
+    with pytest.raises(LabelError, match=r"tags must be IOB2 names .* got \['LOC', 'PER'\]"):
+        infer_labels(splits(["PER", "O"], ["LOC"]), task)

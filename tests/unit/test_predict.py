@@ -120,3 +120,19 @@ def test_predict_command_prints_json_lines(model_dir, tmp_path, capsys):
 def test_predict_command_errors_say_what_to_do(model_dir, capsys, args, message):
     assert main(["predict", str(model_dir), *args]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        (
+            "/no/such/model",
+            "cannot load a MegaMoE model from '/no/such/model': /no/such/model: no such directory",
+        ),
+        (str(MINILM), "holds a 'bert' model, not a MegaMoE one (a trained run's model is <run_dir>/model)"),
+    ],
+)
+def test_predict_command_says_when_the_model_is_not_a_megamoe_one(capsys, model, message):
+    assert main(["predict", model, "--task", "ner", "some text"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "--all-tasks" not in err
