@@ -2,7 +2,7 @@
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import __version__
@@ -15,26 +15,21 @@ def output_directory(value: str) -> str:
     return value
 
 
-def positive_int(value: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {number}")
-    return number
+def at_least(kind: type[int] | type[float], minimum: int) -> Callable[[str], int | float]:
+    """argparse type: a number of ``kind`` that is >= ``minimum``."""
 
+    def parse(value: str) -> int | float:
+        try:
+            number = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{value!r} is not {'an integer' if kind is int else 'a number'}"
+            ) from None
+        if not number >= minimum:  # NaN fails too
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return number
 
-def non_negative_float(value: str) -> float:
-    """argparse type: a number >= 0."""
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
-    if not number >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return number
+    return parse
 
 
 def describe(args: argparse.Namespace) -> int:
@@ -322,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     upcycle_parser.add_argument(
         "--noise-std",
-        type=non_negative_float,
+        type=at_least(float, 0),
         default=0.0,
         help="relative noise on each expert copy to break symmetry (default 0: exact copies)",
     )
@@ -344,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--text-key", default="text", help="the text field of --file lines (default: text)"
     )
     predict_parser.add_argument(
-        "--batch-size", type=positive_int, default=32, help="texts per forward pass (default 32)"
+        "--batch-size", type=at_least(int, 1), default=32, help="texts per forward pass (default 32)"
     )
     predict_parser.set_defaults(handler=predict)
 
