@@ -18,7 +18,7 @@ from .checkpoint import hf_moe_config, load_hf_moe, upcycle_pretrained
 from .checkpoint.builtin_models import resolve_model_source
 from .checkpoint.export import export_checkpoint
 from .checkpoint.model_card import RUN_CONFIG_FILENAME, save_model_card
-from .checkpoint.resume import Checkpointer, Topology, resolve_checkpoint, tag_for
+from .checkpoint.resume import Checkpointer, CheckpointError, Topology, resolve_checkpoint, tag_for
 from .config import ConfigError, ExperimentConfig
 from .data.collate import MultiTaskCollator
 from .data.pipeline import TaskData, prepare_task_data
@@ -93,6 +93,16 @@ def build_model(
     return MegaMoEForMultiTask(MegaMoEConfig(tasks=task_specs, **architecture))
 
 
+def check_checkpoint_tasks(tag_dir: Path, tasks: dict[str, dict[str, Any]]) -> None:
+    """Refuse to resume a checkpoint whose task heads (names, types, labels) differ from this run's."""
+    saved = MegaMoEConfig.from_pretrained(tag_dir / "hf").tasks
+    if saved != tasks:
+        raise CheckpointError(
+            f"{tag_dir} was trained for tasks {saved}, this run declares {tasks}: resume with the same tasks "
+            "and labels, or start a new run from it (megamoe export, then model.init: pretrained)"
+        )
+
+
 def declared_model_config(config: ExperimentConfig) -> MegaMoEConfig:
     """The architecture the run will build, read from config files only (before any heavy work).
 
@@ -144,6 +154,10 @@ def run(
     check_topology(
         config.train, config.parallel, world_size=launch_world_size(), model=declared_model_config(config)
     )
+    if resume is not None:
+        resume = resolve_checkpoint(
+            resume
+        )  # a missing checkpoint is an error now, not after the model is built
     torch.manual_seed(config.train.seed)
 
     # 1. Data: load every task, infer its labels, tokenize.
@@ -161,6 +175,8 @@ def run(
 
     # 2. Model and objective (task heads + loss weighting + router losses).
     model = build_model(config, tasks, tokenizer)
+    if resume is not None:
+        check_checkpoint_tasks(resume, model.config.tasks)
     alphas = {name: task.weight for name, task in config.tasks.items()}
     objective = MultiTaskObjective(
         model, build_weighting(config.train.loss_weighting, list(tasks), alphas=alphas)
@@ -237,7 +253,7 @@ def run(
     if resume is not None:
         step = checkpointer.load(resume)
         if rank == 0:
-            print(f"resumed from step {step} ({resolve_checkpoint(resume)})")
+            print(f"resumed from step {step} ({resume})")
     history = trainer.fit()
     last_checkpoint = run_dir / "checkpoints" / tag_for(trainer.step)
     if not last_checkpoint.is_dir():

@@ -107,6 +107,18 @@ def test_resume_picks_up_the_latest_checkpoint(launched):
     assert f"resumed from step {STEPS} ({run_dir / 'checkpoints' / 'step_00000006'})" in result.stdout
 
 
+def test_resume_with_other_tasks_is_refused_before_training(launched, capsys):
+    from megamoe.cli import main
+
+    config, run_dir, _ = launched
+    extra = "tasks.extra={type: sequence_classification, source: 'builtin:bbc_news', max_train_examples: 16}"
+    # One process (EP=1) would also be refused, but later: the tasks are checked before the engine exists.
+    overrides = ["parallel.expert_parallel_size=1", "train.global_batch_size=4", extra]
+    assert main(["train", str(config), *overrides, "--resume", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "step_00000006 was trained for tasks {'ner'" in err and "this run declares {'extra'" in err
+
+
 def test_megamoe_export_rebuilds_the_same_model_from_the_checkpoint(launched, tmp_path, capsys):
     from megamoe.cli import main
 
