@@ -117,6 +117,9 @@ def export(args: argparse.Namespace) -> int:
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except FileNotFoundError as err:
+        print(f"error: the checkpoint is incomplete: {err.filename} is missing", file=sys.stderr)
+        return 2
     print(f"exported to {out} (load with AutoModel.from_pretrained(..., trust_remote_code=True))")
     return 0
 
@@ -171,13 +174,25 @@ def predict(args: argparse.Namespace) -> int:
     if args.file:
         try:
             with open(args.file) as lines:
-                texts = [json.loads(line)[args.text_key] for line in lines if line.strip()]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+                rows = [
+                    (number, json.loads(line)) for number, line in enumerate(lines, start=1) if line.strip()
+                ]
+        except (OSError, json.JSONDecodeError) as err:
             print(
                 f"error: {args.file}: expected JSON lines with a {args.text_key!r} field: {err}",
                 file=sys.stderr,
             )
             return 2
+        texts = []
+        for number, row in rows:
+            text = row.get(args.text_key) if isinstance(row, dict) else None
+            if not isinstance(text, str):
+                print(
+                    f"error: {args.file} line {number}: no {args.text_key!r} string in {row!r}",
+                    file=sys.stderr,
+                )
+                return 2
+            texts.append(text)
     try:
         predictor = MultiTaskPredictor.from_pretrained(args.model, batch_size=args.batch_size)
     except (OSError, ValueError) as err:

@@ -130,7 +130,10 @@ def declared_model_config(config: ExperimentConfig) -> MegaMoEConfig:
                     "model.init: upcycle for a dense BERT-family encoder, hf_moe for an HF MoE model"
                 )
             return found
-        return MegaMoEConfig(**{"tasks": {}, **section.architecture})  # upcycle: checked field by field
+        # upcycle: the dense model's positions, the architecture fields checked one by one
+        return MegaMoEConfig(
+            **{"tasks": {}, "max_position_embeddings": found.max_position_embeddings, **section.architecture}
+        )
     except ConfigError:
         raise
     except (OSError, ValueError) as err:
@@ -151,9 +154,13 @@ def run(
     """Train, evaluate and export; ``resume`` is a checkpoint path (a run directory resumes its latest)."""
     run_dir = Path(config.run_dir)
     # 0. Refuse a config that does not fit the launched ranks, before any data, model or collective work.
-    check_topology(
-        config.train, config.parallel, world_size=launch_world_size(), model=declared_model_config(config)
-    )
+    model_config = declared_model_config(config)
+    check_topology(config.train, config.parallel, world_size=launch_world_size(), model=model_config)
+    if config.data.max_length > model_config.max_position_embeddings:
+        raise ConfigError(
+            f"data.max_length: {config.data.max_length} is more than the model's max_position_embeddings "
+            f"{model_config.max_position_embeddings}"
+        )
     if resume is not None:
         resume = resolve_checkpoint(
             resume

