@@ -37,10 +37,11 @@ def describe(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoConfig
 
+    from .checkpoint.builtin_models import resolve_model_source
     from .model import MegaMoEConfig, MegaMoEForMultiTask
 
     try:
-        config = AutoConfig.from_pretrained(args.model)
+        config = AutoConfig.from_pretrained(resolve_model_source(args.model))
     except (OSError, ValueError) as err:
         print(f"error: cannot read a MegaMoE config from {args.model!r}: {err}", file=sys.stderr)
         return 2
@@ -150,8 +151,13 @@ def upcycle(args: argparse.Namespace) -> int:
     model.save_pretrained(args.out)
     AutoTokenizer.from_pretrained(source).save_pretrained(args.out)
     total, active = model.num_parameters(), model.num_active_parameters()
+    layout = (
+        f"{args.num_experts} experts, top-{args.top_k}"
+        if model.config.moe_layers()
+        else "dense (no MoE layer)"
+    )
     print(
-        f"upcycled {args.source} into {args.out}: {args.num_experts} experts, top-{args.top_k}, "
+        f"upcycled {args.source} into {args.out}: {layout}, "
         f"{total:,} parameters ({active:,} active per token). Train it with model.init: pretrained, "
         f"model.base: {args.out} (task heads are added then)."
     )
@@ -193,6 +199,8 @@ def predict(args: argparse.Namespace) -> int:
                 )
                 return 2
             texts.append(text)
+        if not texts:
+            print(f"note: {args.file} has no texts; nothing to predict", file=sys.stderr)
     try:
         predictor = MultiTaskPredictor.from_pretrained(args.model, batch_size=args.batch_size)
     except (OSError, ValueError) as err:

@@ -152,7 +152,8 @@ def push_to_hub(
 
 def _check_model_dir(model_dir: Path) -> None:
     if not model_dir.is_dir():
-        raise FileNotFoundError(f"model directory {model_dir} does not exist")
+        what = "is a file, not" if model_dir.is_file() else "does not exist: give"
+        raise FileNotFoundError(f"{model_dir} {what} a model directory")
     missing = [] if (model_dir / "config.json").is_file() else ["config.json"]
     if not any(model_dir.glob("*.safetensors")):
         missing.append("*.safetensors")

@@ -90,3 +90,13 @@ def test_arguments_that_cannot_work_are_refused_by_the_parser(tmp_path, capsys, 
         main([arg.format(file=file) for arg in argv])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_describe_of_a_missing_directory_says_so(capsys):
+    assert main(["describe", "/no/such/model"]) == 2
+    assert "/no/such/model: no such directory" in capsys.readouterr().err
+
+
+def test_upcycle_without_moe_layers_says_the_model_is_dense(tmp_path, capsys):
+    assert main(["upcycle", MINILM, str(tmp_path / "out"), "--moe-layer-freq", "0"]) == 0
+    assert f"into {tmp_path / 'out'}: dense (no MoE layer)," in capsys.readouterr().out

@@ -301,7 +301,9 @@ def test_cli_push_prints_the_url_and_when_private_was_ignored(hub, run_dir, monk
     assert "refused the token (HTTP 401)" in err and "hf_not_the_right_one" not in err
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     assert main(["push", str(run_dir / "missing"), "alice/cli-moe"]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    assert "missing does not exist: give a model directory" in capsys.readouterr().err
+    assert main(["push", str(run_dir / "model" / "config.json"), "alice/cli-moe"]) == 2
+    assert "config.json is a file, not a model directory" in capsys.readouterr().err
 
     assert main(["push", model_dir, "alice/cli-moe", "--private"]) == 0
     out = capsys.readouterr().out

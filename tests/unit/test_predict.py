@@ -143,3 +143,11 @@ def test_predict_file_lines_without_a_text_are_named(model_dir, tmp_path, capsys
     inputs.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"text": None}) + "\n")
     assert main(["predict", str(model_dir), "--task", "ner", "--file", str(inputs)]) == 2
     assert f"{inputs} line 2: no 'text' string in {{'text': None}}" in capsys.readouterr().err
+
+
+def test_predict_of_an_empty_file_says_there_is_nothing_to_do(model_dir, tmp_path, capsys):
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text("\n")
+    assert main(["predict", str(model_dir), "--task", "ner", "--file", str(inputs)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "" and f"note: {inputs} has no texts; nothing to predict" in captured.err
