@@ -15,7 +15,6 @@ holds the model config and tokenizer so a checkpoint alone can be exported to an
 """
 
 import json
-import os
 import random
 import shutil
 from dataclasses import dataclass
@@ -25,6 +24,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from ..tasks.metrics import write_text_atomic
 
 LATEST = "latest"
 RUN_INFO = "megamoe.json"
@@ -87,16 +88,6 @@ def read_run_info(tag_dir: Path) -> dict[str, Any]:
         raise CheckpointError(f"{tag_dir} has no {RUN_INFO}: it was not written by megamoe") from None
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    """Readers see the old content or the new, never a partial file: write a sibling, then rename over."""
-    staging = path.with_name(f".{path.name}.tmp")
-    with open(staging, "w") as file:
-        file.write(text)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(staging, path)
-
-
 def _rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -155,7 +146,7 @@ class Checkpointer:
                 self.write_hf_files(tag_dir / "hf")
         dist.barrier()  # every rank's files are written: the checkpoint is complete
         if rank == 0:
-            _write_atomically(self.directory / LATEST, tag)
+            write_text_atomic(self.directory / LATEST, tag)
             self._prune(tag)
         return tag_dir
 

@@ -100,10 +100,17 @@ def format_metrics_table(metrics: dict[str, dict[str, dict[str, float]]]) -> str
     )
 
 
-def write_json_atomic(path: str | Path, payload: Any) -> None:
-    """Write JSON through a temporary file and a rename: a reader never sees half a file."""
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write through a synced temporary file and a rename: a reader sees the old content or the new, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
-        json.dump(payload, tmp, indent=2, sort_keys=True)
+        tmp.write(text)
+        tmp.flush()
+        os.fsync(tmp.fileno())
     os.replace(tmp.name, path)
+
+
+def write_json_atomic(path: str | Path, payload: Any) -> None:
+    """`write_text_atomic` of ``payload`` as indented JSON."""
+    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True))

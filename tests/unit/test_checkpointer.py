@@ -68,7 +68,7 @@ def test_a_save_killed_midway_leaves_latest_on_the_previous_checkpoint(tmp_path,
     assert resolve_checkpoint(tmp_path).name == tag_for(3)
     checkpoints = tmp_path / "checkpoints"
     assert sorted(p.name for p in checkpoints.glob("step_*")) == [tag_for(2), tag_for(3)]
-    assert not list(checkpoints.glob(".latest*"))
+    assert not list(checkpoints.glob("*.tmp"))
 
 
 def test_pruning_never_removes_the_checkpoint_latest_names(tmp_path, monkeypatch):
