@@ -161,10 +161,8 @@ def run(
             f"data.max_length: {config.data.max_length} is more than the model's max_position_embeddings "
             f"{model_config.max_position_embeddings}"
         )
-    if resume is not None:
-        resume = resolve_checkpoint(
-            resume
-        )  # a missing checkpoint is an error now, not after the model is built
+    if resume is not None:  # a missing checkpoint is an error now, not after the model is built
+        resume = resolve_checkpoint(resume)
     torch.manual_seed(config.train.seed)
 
     # 1. Data: load every task, infer its labels, tokenize.

@@ -67,9 +67,10 @@ def resolve_model_source(source: str, cache_dir: str | Path | None = None) -> st
     if model is None:
         if not names_a_local_path(source):
             return source  # a Hub id, or a directory relative to here: from_pretrained tries both
-        if not Path(source).expanduser().is_dir():
+        directory = Path(source).expanduser()
+        if not directory.is_dir():
             raise FileNotFoundError(f"{source}: no such directory (a model is a local directory or a Hub id)")
-        return str(Path(source).expanduser())
+        return str(directory)
     root = cache_root(cache_dir) / "models"
     target = root / model.name
     manifest = target / "manifest.json"

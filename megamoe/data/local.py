@@ -185,13 +185,14 @@ def load_task_dataset(
     dataset name through `datasets.load_dataset`) into normalized train / validation / test splits."""
     if task_type not in TASK_TYPES:
         raise DataError(f"unknown task type {task_type!r}; task types: {list(TASK_TYPES)}")
-    name = source.removeprefix("builtin:")
+    name, path = source.removeprefix("builtin:"), Path(source).expanduser()
     if source.startswith("builtin:") or name in BUILTIN_DATASETS:
-        if name not in BUILTIN_DATASETS:
-            raise DataError(f"unknown builtin dataset {name!r}; builtin datasets: {sorted(BUILTIN_DATASETS)}")
-        raw = load_builtin(name, cache_dir)
-    elif Path(source).expanduser().exists():
-        raw = _load_local(Path(source).expanduser(), task_type)
+        try:
+            raw = load_builtin(name, cache_dir)
+        except ValueError as err:  # an unknown name: the message lists the builtin datasets
+            raise DataError(str(err)) from None
+    elif path.exists():
+        raw = _load_local(path, task_type)
     elif names_a_local_path(source):
         raise DataError(f"{source}: no such file or directory")
     else:
