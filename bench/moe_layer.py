@@ -53,7 +53,7 @@ from torch import nn
 from transformers import Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
-from megamoe.engine.deepspeed_engine import init_distributed
+from megamoe.engine.distributed import init_distributed
 from megamoe.engine.host_memory import (
     ALLOCATOR_CHOICES,
     THP_ENV,

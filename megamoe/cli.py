@@ -37,8 +37,8 @@ def describe(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoConfig
 
-    from .checkpoint.builtin_models import resolve_model_source
     from .model import MegaMoEConfig, MegaMoEForMultiTask
+    from .sources.builtin_models import resolve_model_source
 
     try:
         config = AutoConfig.from_pretrained(resolve_model_source(args.model))
@@ -114,7 +114,7 @@ def export(args: argparse.Namespace) -> int:
     from .checkpoint.resume import CheckpointError
 
     try:
-        out = export_checkpoint(args.checkpoint, args.out_dir)
+        out = export_checkpoint(args.checkpoint, args.out_dir, max_shard_size=args.max_shard_size)
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -131,8 +131,8 @@ def upcycle(args: argparse.Namespace) -> int:
     travels along. With --noise-std 0 the result computes exactly what the dense model does."""
     from transformers import AutoTokenizer
 
-    from .checkpoint import upcycle_pretrained
-    from .checkpoint.builtin_models import resolve_model_source
+    from .sources.builtin_models import resolve_model_source
+    from .sources.upcycle import upcycle_pretrained
 
     try:
         source = resolve_model_source(args.source)
@@ -318,6 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="a run directory (its latest checkpoint), its checkpoints/, or a step_<n> directory",
     )
     export_parser.add_argument("out_dir", type=output_directory, help="the HF model directory to write")
+    export_parser.add_argument(
+        "--max-shard-size",
+        default="5GB",
+        help="split the weights into safetensors shards of at most this size, with HF's index file (default 5GB)",
+    )
     export_parser.set_defaults(handler=export)
 
     upcycle_parser = commands.add_parser(

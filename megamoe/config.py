@@ -118,6 +118,11 @@ class ModelSection:
             "init='scratch' needs a tokenizer",
         )
         _check(self.expert_noise_std >= 0, "expert_noise_std", f"must be >= 0, got {self.expert_noise_std}")
+        _check(
+            self.expert_noise_std == 0 or self.init == "upcycle",
+            "expert_noise_std",
+            f"only init: upcycle copies experts (init: {self.init}); drop it",
+        )
 
 
 @dataclass

@@ -17,9 +17,9 @@ import torch
 from seqeval.metrics.sequence_labeling import get_entities
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
-from .checkpoint.builtin_models import resolve_model_source
 from .data.tokenization import word_predictions
 from .model import MegaMoEConfig, MegaMoEForMultiTask
+from .sources.builtin_models import resolve_model_source
 
 _WORD = re.compile(r"\S+")
 

@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
 from transformers import AutoTokenizer
 
 from ..engine.autoep import hf_state_dict
@@ -81,13 +82,17 @@ def load_checkpoint_model(path: str | Path) -> MegaMoEForMultiTask:
     if not (hf_dir / "config.json").is_file():
         raise CheckpointError(f"{tag_dir} has no hf/config.json: it was not written by megamoe train")
     config = MegaMoEConfig.from_pretrained(hf_dir)
-    model = MegaMoEForMultiTask(config)
+    # Parameters on the meta device, then the consolidated tensors themselves: one copy of the model, not a
+    # random one plus the checkpoint's. Buffers are built as usual: non-persistent ones (rotary frequencies)
+    # are in no state dict.
+    with init_empty_weights(include_buffers=False):
+        model = MegaMoEForMultiTask(config)
     state = {
         key.removeprefix(_MODEL_PREFIX): value
         for key, value in consolidated_state_dict(tag_dir, config).items()
         if key.startswith(_MODEL_PREFIX)
     }
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
         raise CheckpointError(
             f"{tag_dir} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
@@ -95,11 +100,15 @@ def load_checkpoint_model(path: str | Path) -> MegaMoEForMultiTask:
     return model
 
 
-def export_checkpoint(path: str | Path, out_dir: str | Path) -> Path:
-    """Write the checkpoint at ``path`` as an HF model directory (safetensors, config, tokenizer, remote code)."""
+def export_checkpoint(path: str | Path, out_dir: str | Path, *, max_shard_size: str | int = "5GB") -> Path:
+    """Write the checkpoint at ``path`` as an HF model directory (safetensors, config, tokenizer, remote code).
+
+    Weights above ``max_shard_size`` are split into safetensors shards with HF's index file, as the Hub's
+    published large models are (5 GB each by default).
+    """
     tag_dir = resolve_checkpoint(path)
     model = load_checkpoint_model(tag_dir)
     out_dir = Path(out_dir)
-    model.save_pretrained(out_dir)
+    model.save_pretrained(out_dir, max_shard_size=max_shard_size)
     AutoTokenizer.from_pretrained(tag_dir / "hf").save_pretrained(out_dir)
     return out_dir

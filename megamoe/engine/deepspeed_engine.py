@@ -6,10 +6,8 @@ JSON is generated from the run config and written into the run directory, never 
 
 import json
 import os
-import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +17,11 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from torch import nn
-from torch.distributed import distributed_c10d
 
 from ..config import ParallelSection, TrainSection
 from ..model import MegaMoEConfig
 from .autoep import autoep_section, check_replaced_and_record_router_logits, hf_backbone
+from .distributed import init_distributed
 from .expert_parallel import shard_experts
 
 # Parameters that get no weight decay: biases and norm weights (BERT/RoBERTa fine-tuning practice).
@@ -194,6 +192,27 @@ def merge_user_deepspeed_config(
     return _merge(generated, user)
 
 
+@contextmanager
+def partitioned_construction(config: dict[str, Any]) -> Iterator[None]:
+    """Under ZeRO-3, models built inside are born partitioned: while an `HfDeepSpeedConfig` is alive,
+    transformers' ``from_pretrained`` / ``from_config`` build under ``deepspeed.zero.Init`` and read each
+    checkpoint shard into the partitions, so no rank ever holds the whole model. Other stages build the model
+    whole, once per rank: nothing to do.
+
+    Scoped to the build: an alive config would also partition models built later in the process (export).
+    """
+    if _lookup(config, "zero_optimization.stage") != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+
+    alive = HfDeepSpeedConfig(config)  # transformers keeps a weak reference only
+    try:
+        yield
+    finally:
+        del alive
+
+
 def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups (no decay on biases and norms), expert parameters split into DeepSpeed's MoE groups."""
     decay: list[nn.Parameter] = []
@@ -208,46 +227,27 @@ def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict[str, A
     return split_params_into_different_moe_groups_for_optimizer(groups)
 
 
-def init_distributed(timeout_minutes: float = 30.0) -> None:
-    """Join the process group the launcher set up; a plain `python` run becomes a 1-rank group."""
-    if "RANK" not in os.environ:
-        # Not under deepspeed / torchrun / accelerate: a single process with a private port.
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        os.environ.update(
-            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1"
-        )
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    timeout = timedelta(minutes=timeout_minutes)
-    # Subgroups (DeepSpeed's expert-parallel and expert-data-parallel groups) are created without a timeout
-    # and get torch's module default (30 min), not the world group's: make the run's timeout that default.
-    distributed_c10d.default_pg_timeout = timeout
-    deepspeed.init_distributed(
-        dist_backend=backend,
-        auto_mpi_discovery=False,
-        verbose=False,
-        timeout=timeout,
-    )
-    if backend == "gloo":  # only DeepSpeed's CPU accelerator has the shm all-reduce
-        _unlink_shared_memory_workspace()
+def _cast_parameters_built_outside_zero_init(module: nn.Module, config: dict[str, Any]) -> None:
+    """Bring the parameters a ZeRO-3 model got after its partitioned build (task heads, loss weighting) to the
+    run's precision.
 
-
-def _unlink_shared_memory_workspace() -> None:
-    """Take this rank's DeepSpeed CPU all-reduce workspace out of /dev/shm once every rank has mapped it.
-
-    When all ranks share one host, DeepSpeed's shm comm op creates a 64 MiB
-    ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`` per rank and never unlinks it, so every
-    run leaves them in RAM-backed tmpfs: a day of CPU runs piled up 22 GiB on a 24 GiB host and the OOM
-    killer took the next job's ranks. Every rank maps every peer's workspace before `deepspeed.init_distributed`
-    returns, so after a barrier the names can go: the mappings live until the processes exit, and a killed run
-    leaves nothing behind either.
+    DeepSpeed casts a module to bf16 / fp16 only when none of its parameters was built under `zero.Init`;
+    once the backbone is (a ZeRO-3 `from_pretrained`), it casts nothing, and its optimizer refuses partitions
+    of mixed dtypes. This is the cast it would have done.
     """
-    if dist.get_world_size() > 1:
-        dist.barrier()
-    address, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
-    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{address}_{port}_{dist.get_rank()}"
-    Path("/dev/shm", name).unlink(missing_ok=True)
+    dtype = (
+        torch.bfloat16
+        if config.get("bf16", {}).get("enabled")
+        else torch.float16
+        if config.get("fp16", {}).get("enabled")
+        else None
+    )
+    parameters = list(module.parameters())
+    if dtype is None or not any(hasattr(p, "ds_id") for p in parameters):
+        return
+    for param in parameters:
+        if not hasattr(param, "ds_id") and param.is_floating_point():
+            param.data = param.data.to(dtype)
 
 
 class CollectiveError(RuntimeError):
@@ -314,6 +314,7 @@ class Engine:
         if run_dir is not None and dist.get_rank() == 0:
             Path(run_dir).mkdir(parents=True, exist_ok=True)
             (Path(run_dir) / "deepspeed_config.json").write_text(json.dumps(config, indent=2))
+        _cast_parameters_built_outside_zero_init(module, config)
         weight_decay = config["optimizer"]["params"]["weight_decay"]
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=module, model_parameters=parameter_groups(module, weight_decay), config=config

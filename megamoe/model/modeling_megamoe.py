@@ -340,12 +340,17 @@ class MegaMoEHFBackbone(nn.Module):
     backbone: PreTrainedModel
     """The HF base model (``Qwen3MoeModel``, ``MixtralModel``, ...)."""
 
-    def __init__(self, config: MegaMoEConfig):
+    def __init__(self, config: MegaMoEConfig, backbone: PreTrainedModel | None = None):
         super().__init__()
         assert config.backbone is not None
         self.num_experts = config.num_experts
         self.top_k = config.num_experts_per_tok
-        self.backbone = AutoModel.from_config(AutoConfig.for_model(**config.backbone))
+        # A loaded checkpoint is taken as it is (no random copy is built first); else a random one.
+        self.backbone = (
+            backbone
+            if backbone is not None
+            else AutoModel.from_config(AutoConfig.for_model(**config.backbone))
+        )
         # Which layers route (DeepSeek's first layers and Qwen's mlp_only_layers do not): one router-logit
         # tensor comes back per MoE layer, in this order.
         self.moe_layer_indices = config.moe_layers()
@@ -474,11 +479,17 @@ class MegaMoEMultiTaskOutput(ModelOutput):
 
 
 class MegaMoEForMultiTask(MegaMoEPreTrainedModel):
-    """The backbone plus one small head per task; ``forward(..., task=name)`` runs that task's head."""
+    """The backbone plus one small head per task; ``forward(..., task=name)`` runs that task's head.
 
-    def __init__(self, config: MegaMoEConfig):
+    ``backbone``: an HF base model already loaded for ``config.backbone`` (as `EncoderDecoderModel` takes its
+    encoder), kept with its weights; post_init initializes only what it lacks, the heads.
+    """
+
+    def __init__(self, config: MegaMoEConfig, backbone: PreTrainedModel | None = None):
         super().__init__(config)
-        self.model = MegaMoEModel(config) if config.backbone is None else MegaMoEHFBackbone(config)
+        if backbone is not None and config.backbone is None:
+            raise ValueError("a backbone module needs config.backbone (an HF MoE architecture) to go with it")
+        self.model = MegaMoEModel(config) if config.backbone is None else MegaMoEHFBackbone(config, backbone)
         head_classes = {
             "sequence_classification": MegaMoESequenceHead,
             "sequence_regression": MegaMoESequenceHead,

@@ -7,7 +7,7 @@ import copy
 import torch
 import torch.distributed as dist
 
-from megamoe.engine.deepspeed_engine import init_distributed
+from megamoe.engine.distributed import init_distributed
 from megamoe.engine.expert_parallel import ExpertParallelExperts
 from megamoe.model.moe_experts import GroupedExperts
 

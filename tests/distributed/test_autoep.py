@@ -44,7 +44,15 @@ def test_autoep_zero3_matches_one_process(runs):
     one, two = runs
     assert losses(two) == pytest.approx(losses(one), rel=1e-5)
     assert router_loads(two) == router_loads(one)
-    assert_same_weights(weights(two), weights(one), atol=1e-6)
+    ep, reference = weights(two), weights(one)
+    # A key bias (Qwen2-MoE has them) shifts all of a query's logits equally and softmax ignores it: its
+    # gradient is round-off, which Adam divides by its own tiny magnitude. On this VM the two runs differ by
+    # 2.3e-6 there (1e-7 elsewhere), the same with the code before 2026-12-01.
+    key_biases = {name for name in reference if name.endswith("self_attn.k_proj.bias")}
+    assert_same_weights({n: ep[n] for n in key_biases}, {n: reference[n] for n in key_biases}, atol=1e-4)
+    for name in key_biases:
+        del ep[name], reference[name]
+    assert_same_weights(ep, reference, atol=1e-6)
 
 
 def test_each_rank_holds_half_the_experts(runs):

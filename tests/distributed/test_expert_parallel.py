@@ -120,3 +120,15 @@ def test_zero3_data_parallel_matches_one_process(reference, tmp_path):
 def test_other_launchers_run_the_same_program(reference, tmp_path, launch):
     launch(*worker(tmp_path, ep_size=2))
     assert losses(tmp_path) == pytest.approx(losses(reference), rel=1e-5)
+
+
+@pytest.mark.parametrize("backbone", [None, "qwen3_moe"], ids=["megamoe_experts", "autoep"])
+def test_the_run_timeout_reaches_every_process_group(tmp_path, backbone):
+    """parallel.timeout_minutes holds for DeepSpeed's expert-parallel and expert-data-parallel groups too
+    (created without a timeout argument; torch's 30 min default before), not only for the world group."""
+    args = ["--out", str(tmp_path)] + (["--backbone", backbone] if backbone else [])
+    deepspeed_launch("tests/distributed/group_timeout_worker.py", *args)
+    for rank in (0, 1):
+        timeouts = json.loads((tmp_path / f"timeouts_rank{rank}.json").read_text())
+        assert len(timeouts) >= 3, timeouts  # the world, an expert-parallel and an expert-data-parallel group
+        assert set(timeouts.values()) == {7 * 60.0}, timeouts

@@ -2,6 +2,7 @@
 upcycled all-MiniLM-L6-v2 on the three builtin tasks, experts sharded over both ranks (EP=2, ZeRO-2)."""
 
 import json
+import re
 import textwrap
 from pathlib import Path
 
@@ -35,7 +36,7 @@ def launched(tmp_path_factory):
               topic: {{type: sequence_classification, source: "builtin:bbc_news", max_train_examples: 16, max_eval_examples: 16}}
               ner: {{type: token_classification, source: "builtin:wnut16", max_train_examples: 16, max_eval_examples: 16}}
               sentiment: {{type: sequence_classification, source: "builtin:vader_sentiment", max_train_examples: 16, max_eval_examples: 16}}
-            data: {{max_length: 32, sampling: round_robin}}
+            data: {{max_length: 32, sampling: round_robin, cache_dir: {tmp / "empty_cache"}}}
             train: {{max_steps: {STEPS}, micro_batch_size: 4, global_batch_size: 8, lr: 3.0e-4}}
             parallel: {{expert_parallel_size: 2, zero_stage: 2}}
             checkpoint: {{every_steps: 2, keep_last: 2}}
@@ -65,6 +66,20 @@ def test_the_run_directory_is_complete(launched):
     card = (run_dir / "model" / "README.md").read_text()
     assert "mixture-of-experts" in card and "model-index" in card and "expert_utilization.png" in card
     assert (run_dir / "model" / "expert_utilization.png").stat().st_size > 0
+
+
+def test_two_ranks_on_an_empty_cache_prepare_each_builtin_dataset_once(launched):
+    """Each node's local rank 0 prepares; the other ranks wait and read its cache (they raced before)."""
+    output = launched[2].stdout
+    for name in ("bbc_news", "wnut16", "vader_sentiment"):
+        assert output.count(f"builtin dataset {name!r}: prepared from") == 1, output[-3000:]
+
+
+def test_rank_0_reports_peak_memory_as_each_phase_ends(launched):
+    reports = re.findall(r"memory: ([a-z ]+), peak RSS ([0-9.]+) GiB", launched[2].stdout)
+    assert [phase for phase, _ in reports] == ["model built", "engine ready", "first step"]
+    peaks = [float(peak) for _, peak in reports]
+    assert 0 < peaks[0] <= peaks[1] <= peaks[2], "a peak never falls"
 
 
 def test_the_ranks_leave_no_shared_memory_behind(launched):

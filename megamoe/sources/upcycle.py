@@ -10,10 +10,13 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-from transformers import AutoModel, PretrainedConfig
+from accelerate import init_empty_weights
+from transformers import AutoConfig, AutoModel, PretrainedConfig
 
+from ..config import ModelSection
 from ..model import MegaMoEConfig, MegaMoEForMultiTask
 from ..model.modeling_megamoe import MegaMoESequenceHead
+from .base import BuildRequest
 
 
 @dataclass(frozen=True)
@@ -172,7 +175,8 @@ def upcycle_bert_state_dict(
         generator: RNG for the noise and the router init.
 
     Returns:
-        A state dict that `MegaMoEModel.load_state_dict(..., strict=True)` accepts.
+        A state dict that `MegaMoEModel.load_state_dict(..., strict=True)` accepts. Tensors copied unchanged
+        are the dense state's own (no second copy of the model); expert stacks are new.
     """
     if config.num_shared_experts > 0:
         raise ValueError("upcycling starts without shared experts (a copy would count the dense FFN twice)")
@@ -192,14 +196,14 @@ def upcycle_bert_state_dict(
 
     def take(ours: str, theirs: str) -> None:
         for param in ("weight", "bias"):
-            out[f"{ours}.{param}"] = tensor(theirs, param).clone()
+            out[f"{ours}.{param}"] = tensor(theirs, param)
 
-    out["embeddings.word_embeddings.weight"] = tensor(layout.word_embeddings).clone()
+    out["embeddings.word_embeddings.weight"] = tensor(layout.word_embeddings)
     start = _first_position(model_type, config.pad_token_id)
     positions = tensor(layout.position_embeddings)[start : start + config.max_position_embeddings]
-    out["embeddings.position_embeddings.weight"] = positions.clone()
+    out["embeddings.position_embeddings.weight"] = positions.clone()  # a slice: its own, smaller storage
     if layout.token_type_embeddings is not None:
-        out["embeddings.token_type_embeddings.weight"] = tensor(layout.token_type_embeddings).clone()
+        out["embeddings.token_type_embeddings.weight"] = tensor(layout.token_type_embeddings)
     take("embeddings.norm", layout.embeddings_norm)
 
     for i in range(config.num_hidden_layers):
@@ -249,22 +253,28 @@ def upcycle_pretrained(
 
     The backbone comes from `upcycle_bert_state_dict`; each sequence head's dense layer starts from the
     checkpoint's pooler when it has one (what `BertForSequenceClassification` does), the output layers
-    start from the usual random init.
+    start from the usual random init. The MegaMoE's parameters are built on the meta device and take the upcycled tensors
+    as they are: memory holds the dense model plus the expert stacks, never a random MegaMoE besides.
     """
-    dense = AutoModel.from_pretrained(source)
+    dense = AutoModel.from_pretrained(source, dtype=torch.float32)
     config = config_from_bert(dense.config, tasks=tasks, **architecture)
     generator = torch.Generator().manual_seed(seed)
-    dense_state = dense.state_dict()
+    model_type, dense_state = dense.config.model_type, dense.state_dict()
+    del dense
     backbone = upcycle_bert_state_dict(
         dense_state,
         config,
-        model_type=dense.config.model_type,
+        model_type=model_type,
         expert_noise_std=expert_noise_std,
         generator=generator,
     )
+    with init_empty_weights(include_buffers=False):
+        model = MegaMoEForMultiTask(config)
+    model.model.load_state_dict(backbone, strict=True, assign=True)
+    del backbone
     torch.manual_seed(seed)
-    model = MegaMoEForMultiTask(config)
-    model.model.load_state_dict(backbone, strict=True)
+    model.heads.to_empty(device="cpu")
+    model.heads.apply(model._init_weights)
     if "pooler.dense.weight" in dense_state:
         with torch.no_grad():
             for head in model.heads.values():
@@ -272,3 +282,22 @@ def upcycle_pretrained(
                     head.dense.weight.copy_(dense_state["pooler.dense.weight"])
                     head.dense.bias.copy_(dense_state["pooler.dense.bias"])
     return model
+
+
+class UpcycleSource:
+    """``init: upcycle``: ``model.base`` is a dense BERT-family encoder; ``model.architecture`` sets the MoE
+    layout (experts, top-k, which layers) over the dense architecture."""
+
+    def declared_config(self, section: ModelSection, base: str | None) -> MegaMoEConfig:
+        assert base is not None  # validated by ModelSection
+        return config_from_bert(AutoConfig.from_pretrained(base), tasks={}, **section.architecture)
+
+    def build(self, request: BuildRequest) -> MegaMoEForMultiTask:
+        assert request.base is not None
+        return upcycle_pretrained(
+            request.base,
+            tasks=request.tasks,
+            expert_noise_std=request.section.expert_noise_std,
+            seed=request.options.seed,
+            **request.section.architecture,
+        )

@@ -1,0 +1,136 @@
+"""ZeRO-3 loading of a published HF checkpoint into a model built partitioned (`deepspeed.zero.Init`): one
+layer's tensors at a time, read by rank 0 only and scattered by DeepSpeed into every rank's partition.
+
+transformers' own ZeRO-3 ``from_pretrained`` has every rank read the whole checkpoint and convert it (the
+published per-expert tensors become fused ``[E, ...]`` ones) before rank 0 copies it in: while it loads, each
+rank holds about a full copy, ~61 GB per rank for Qwen3-30B-A3B, eight of them per node (bench/load_memory.py
+measures it at small scale). Here rank 0 holds one layer (as read and as converted), every other rank the
+one parameter being scattered, on top of its partition. The conversion itself is transformers' (its
+conversion mapping for the model type), applied per layer.
+"""
+
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModel, PreTrainedModel
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.integrations.deepspeed import _apply_weight_conversions_to_state_dict
+
+_INDEX = "model.safetensors.index.json"
+_SINGLE = "model.safetensors"
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+_DTYPES = {
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def safetensors_weight_map(directory: Path) -> dict[str, Path] | None:
+    """Tensor name -> the safetensors file holding it, for a (sharded or single-file) checkpoint directory;
+    None when it has no safetensors weights."""
+    if (directory / _INDEX).is_file():
+        weight_map = json.loads((directory / _INDEX).read_text())["weight_map"]
+        return {key: directory / file for key, file in weight_map.items()}
+    if (directory / _SINGLE).is_file():
+        with safe_open(directory / _SINGLE, "pt") as checkpoint:
+            return dict.fromkeys(checkpoint.keys(), directory / _SINGLE)
+    return None
+
+
+def checkpoint_directory(source: str) -> Path:
+    """``source`` as a local directory: itself, or the Hub snapshot of its weights and configs."""
+    if Path(source).is_dir():
+        return Path(source)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(source, allow_patterns=["*.safetensors", _INDEX, "*.json"]))
+
+
+def load_pretrained_partitioned(source: str, dtype: torch.dtype) -> PreTrainedModel:
+    """The HF base model of ``source`` with its checkpoint weights, each parameter partitioned over the ranks.
+
+    Needs ZeRO-3 construction (`partitioned_construction`): ``AutoModel.from_config`` then builds under
+    `deepspeed.zero.Init`. A checkpoint without safetensors weights goes through transformers' own ZeRO-3
+    ``from_pretrained`` (every rank reads all of it).
+    """
+    weight_map = safetensors_weight_map(checkpoint_directory(source))
+    if weight_map is None:
+        if dist.get_rank() == 0:
+            print(f"{source} has no safetensors weights: every rank reads the whole checkpoint", flush=True)
+        return AutoModel.from_pretrained(source, dtype=dtype)
+    model = AutoModel.from_config(AutoConfig.from_pretrained(source), dtype=dtype)
+    conversions = get_model_conversion_mapping(model)
+    expected = set(model.state_dict())
+    loaded: set[str] = set()
+    for keys in _layer_chunks(weight_map):
+        chunk = _read(keys, weight_map, real=dist.get_rank() == 0)
+        # Renames (the CausalLM's `model.` prefix) and fusions, on real tensors on rank 0 and on meta
+        # tensors elsewhere: every rank gets the same names, in the same order, for the collectives below.
+        converted = _apply_weight_conversions_to_state_dict(model, chunk, conversions)
+        for name in sorted(converted):
+            _copy_into_partition(model, name, converted[name])
+        loaded.update(converted)
+    missing = sorted(expected - loaded)
+    if missing:
+        raise ValueError(f"{source} has no weights for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    for module in model.modules():  # loaded: a later post_init must not initialize it again
+        module._is_hf_initialized = True
+    return model
+
+
+def _layer_chunks(weight_map: dict[str, Path]) -> list[list[str]]:
+    """The checkpoint's tensor names grouped by layer (what one conversion needs: all of a layer's experts);
+    embeddings, final norm and LM head form one more group."""
+    chunks: dict[int, list[str]] = defaultdict(list)
+    for key in weight_map:
+        layer = _LAYER.search(key)
+        chunks[int(layer.group(1)) if layer else -1].append(key)
+    return [sorted(chunks[index]) for index in sorted(chunks)]
+
+
+def _read(keys: list[str], weight_map: dict[str, Path], *, real: bool) -> dict[str, torch.Tensor]:
+    """The tensors ``keys`` from their files; with ``real=False`` meta tensors of their shapes and dtypes."""
+    by_file: dict[Path, list[str]] = defaultdict(list)
+    for key in keys:
+        by_file[weight_map[key]].append(key)
+    tensors = {}
+    for file, file_keys in by_file.items():
+        with safe_open(file, "pt") as checkpoint:
+            for key in file_keys:
+                if real:
+                    tensors[key] = checkpoint.get_tensor(key)
+                else:
+                    view = checkpoint.get_slice(key)
+                    tensors[key] = torch.empty(
+                        view.get_shape(), dtype=_DTYPES[view.get_dtype()], device="meta"
+                    )
+    return tensors
+
+
+def _copy_into_partition(model: PreTrainedModel, name: str, value: torch.Tensor) -> None:
+    """Rank 0's ``value`` into parameter (or buffer) ``name`` on every rank."""
+    target = model.get_parameter_or_buffer(name)
+    if isinstance(target, torch.nn.Parameter):
+        # Gathered in full on every rank for the copy, then re-partitioned from rank 0's data.
+        with deepspeed.zero.GatheredParameters([target], modifier_rank=0), torch.no_grad():
+            if dist.get_rank() == 0:
+                target.data.copy_(value)
+        return
+    with torch.no_grad():  # buffers are not partitioned: every rank holds the whole of it
+        if dist.get_rank() == 0:
+            target.copy_(value)
+        dist.broadcast(target, src=0)

@@ -1,0 +1,91 @@
+"""Checks that need a CUDA device (one NCCL rank): ``python -m pytest -m gpu tests/gpu``.
+
+Deselected by default (pyproject's ``-m 'not gpu'``); run them whenever a GPU machine is lent, and record the
+run in docs/benchmarks.md (docs/gpu.md says how).
+"""
+
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megamoe import MegaMoEForMultiTask
+from megamoe.config import ParallelSection, TrainSection
+from megamoe.engine.deepspeed_engine import Engine, deepspeed_config
+from megamoe.engine.distributed import init_distributed
+from megamoe.model import moe_experts
+from megamoe.model.moe_experts import grouped_linear
+from megamoe.tasks.objective import MultiTaskObjective
+from megamoe.tasks.weighting import build_weighting
+from tests.conftest import tiny_config
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+@pytest.fixture(scope="module")
+def nccl_group():
+    init_distributed(timeout_minutes=7.0)
+    assert dist.get_backend() == "nccl"
+    return dist.group.WORLD
+
+
+def test_nccl_groups_created_without_a_timeout_get_the_run_timeout(nccl_group):
+    """DeepSpeed's expert groups are `new_group(ranks)` without a timeout: on NCCL they read
+    `default_pg_nccl_timeout`, which init_distributed sets to parallel.timeout_minutes."""
+    group = dist.new_group([0])
+    for pg in (nccl_group, group):
+        backend = pg._get_backend(torch.device("cuda"))
+        assert backend.options._timeout == timedelta(minutes=7.0)
+
+
+def test_a_bf16_step_of_a_megamoe_trains_and_exports_what_it_computes(nccl_group, tmp_path):
+    from megamoe.checkpoint.export import load_checkpoint_model
+    from megamoe.checkpoint.resume import Checkpointer, Topology
+
+    torch.manual_seed(0)
+    model = MegaMoEForMultiTask(tiny_config(hidden_size=64, moe_intermediate_size=64))
+    objective = MultiTaskObjective(model, build_weighting("static", list(model.config.tasks)))
+    train = TrainSection(max_steps=4, micro_batch_size=4, precision="bf16", lr=1e-3, warmup_ratio=0.0)
+    engine = Engine(objective, deepspeed_config(train, ParallelSection(zero_stage=2)), run_dir=tmp_path)
+    ids = torch.randint(1, 64, (4, 12))
+    batch = {
+        "task": "topic",
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": torch.tensor([0, 1, 2, 0]),
+    }
+    losses = [float(engine.train_step(batch).loss) for _ in range(4)]
+    assert losses[-1] < losses[0], losses
+    checkpointer = Checkpointer(
+        engine.engine,
+        tmp_path / "checkpoints",
+        topology=Topology(1, 1, 2),
+        rank_local={},
+        write_hf_files=model.config.save_pretrained,
+    )
+    exported = load_checkpoint_model(checkpointer.save(4)).cuda().eval()
+    live = engine.eval_forward(batch).logits.float()
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids.cuda(), task="topic").logits, live, rtol=2e-2, atol=2e-2)
+
+
+def test_grouped_mm_runs_on_cuda_in_bf16_and_equals_the_loop(monkeypatch):
+    calls = []
+    supported = moe_experts._grouped_mm_supported
+    monkeypatch.setattr(
+        moe_experts, "_grouped_mm_supported", lambda x, w: calls.append(supported(x, w)) or calls[-1]
+    )
+    sizes = torch.tensor([3, 0, 5, 8], device="cuda")
+    x = torch.randn(16, 64, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(4, 128, 64, device="cuda", dtype=torch.bfloat16)
+    fast = grouped_linear(x, w, sizes)
+    assert calls == [True], "torch.nn.functional.grouped_mm took the CUDA path"
+    starts = [0, 3, 3, 8]
+    loop = torch.cat(
+        [x[s : s + n] @ w[e].T for e, (s, n) in enumerate(zip(starts, sizes.tolist(), strict=True))]
+    )
+    torch.testing.assert_close(fast, loop, rtol=1e-2, atol=1e-2)

@@ -1,0 +1,70 @@
+"""ZeRO-3 loading of a published HF MoE checkpoint (one process, a real zero.Init): every parameter is
+partitioned, holds the checkpoint's value after transformers' conversion, and is read one layer at a time."""
+
+import deepspeed
+import pytest
+import torch
+from transformers import AutoModel, AutoModelForCausalLM
+
+from megamoe.config import ParallelSection, TrainSection
+from megamoe.engine import partitioned_loading
+from megamoe.engine.deepspeed_engine import deepspeed_config, partitioned_construction
+from megamoe.engine.distributed import init_distributed
+from megamoe.sources.hf_moe import load_hf_moe
+from tests.conftest import TASKS, tiny_hf_moe_config
+
+
+@pytest.mark.parametrize("shards", ["one file", "sharded with an index"])
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
+def test_a_zero3_load_holds_the_checkpoint_weights_read_layer_by_layer(
+    tmp_path, monkeypatch, model_type, shards
+):
+    published = tmp_path / "published"
+    causal_lm = AutoModelForCausalLM.from_config(tiny_hf_moe_config(model_type)).to(torch.bfloat16)
+    causal_lm.save_pretrained(published, max_shard_size="20KB" if shards != "one file" else "5GB")
+    assert (published / "model.safetensors.index.json").is_file() == (shards != "one file")
+
+    chunks = []
+    read = partitioned_loading._read
+    monkeypatch.setattr(
+        partitioned_loading, "_read", lambda keys, *a, **k: chunks.append(keys) or read(keys, *a, **k)
+    )
+    init_distributed()
+    config = deepspeed_config(
+        TrainSection(max_steps=2, micro_batch_size=2, precision="bf16"), ParallelSection(zero_stage=3)
+    )
+    with partitioned_construction(config):
+        model = load_hf_moe(str(published), tasks=TASKS, dtype=torch.bfloat16)
+
+    # One read per layer, plus embeddings / final norm / LM head: never the whole checkpoint at once.
+    assert len(chunks) == causal_lm.config.num_hidden_layers + 1
+    assert all(all(".layers.1." not in key for key in chunk) for chunk in chunks[:2])
+    expected = AutoModel.from_pretrained(published, dtype=torch.bfloat16).state_dict()
+    backbone = model.model.backbone
+    parameters = dict(backbone.named_parameters())
+    assert parameters and all(hasattr(p, "ds_id") and p.numel() == 0 for p in parameters.values()), (
+        "partitioned"
+    )
+    with deepspeed.zero.GatheredParameters(list(parameters.values())):
+        for name, value in backbone.state_dict().items():
+            assert torch.equal(value, expected[name]), name
+    assert any(value.dim() == 3 for value in expected.values()), (
+        "fused experts, converted from per-expert files"
+    )
+
+
+def test_a_checkpoint_missing_a_weight_is_refused_naming_it(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    published = tmp_path / "published"
+    AutoModelForCausalLM.from_config(tiny_hf_moe_config("qwen3_moe")).save_pretrained(published)
+    weights = load_file(published / "model.safetensors")
+    del weights["model.norm.weight"]
+    save_file(weights, published / "model.safetensors", metadata={"format": "pt"})
+    init_distributed()
+    config = deepspeed_config(TrainSection(max_steps=2, micro_batch_size=2), ParallelSection(zero_stage=3))
+    with (
+        partitioned_construction(config),
+        pytest.raises(ValueError, match=r"has no weights for \['norm.weight'\]"),
+    ):
+        load_hf_moe(str(published), tasks=TASKS)
