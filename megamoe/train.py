@@ -1,6 +1,9 @@
-"""`megamoe train`: config → data → model → engine → batches → trainer.fit() → evaluate → save.
+"""`megamoe train`: process group → config checks → data → model → engine → batches → trainer.fit() →
+evaluate → save.
 
-One visible build sequence; every piece is built here and handed to the next.
+One visible build sequence; every piece is built here and handed to the next. The process group comes first
+(torchtitan's and OLMo-core's order): ZeRO-3 builds the model partitioned, and each node prepares its data
+once, on local rank 0, while the others wait.
 """
 
 import logging

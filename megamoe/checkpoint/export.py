@@ -35,10 +35,13 @@ def consolidated_state_dict(tag_dir: Path, config: MegaMoEConfig) -> dict[str, t
 
         module = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     else:
-        states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        states = torch.load(
+            tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False, mmap=True
+        )
         module = dict(states["module"])
+    # Memory-mapped: the files' pages, not a second copy; only the stacked experts are new memory.
     for expert_file in sorted(tag_dir.glob("layer_*_expert_*_model_states.pt")):
-        module.update(torch.load(expert_file, map_location="cpu", weights_only=True))
+        module.update(torch.load(expert_file, map_location="cpu", weights_only=True, mmap=True))
     return unshard_expert_state_dict(module)
 
 
@@ -59,7 +62,7 @@ def _autoep_state_dict(tag_dir: Path, model_type: str) -> dict[str, torch.Tensor
             raise CheckpointError(f"ds_to_universal could not consolidate {tag_dir}:\n{done.stderr[-2000:]}")
         state: dict[str, torch.Tensor] = {}
         for param_dir in sorted(p for p in (Path(universal) / "zero").iterdir() if p.is_dir()):
-            fp32 = torch.load(param_dir / "fp32.pt", map_location="cpu", weights_only=False)
+            fp32 = torch.load(param_dir / "fp32.pt", map_location="cpu", weights_only=False, mmap=True)
             state[param_dir.name] = fp32["param"] if isinstance(fp32, dict) else fp32
     # Non-expert parameters come back flat; the model states know their shapes, and hold the buffers.
     states_file = tag_dir / "mp_rank_00_model_states.pt"  # ZeRO-1/2; ZeRO-3 writes one per rank

@@ -18,7 +18,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
-from transformers import AutoConfig, AutoModel, PreTrainedModel
+from transformers import MODEL_MAPPING, AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.integrations.deepspeed import _apply_weight_conversions_to_state_dict
 
@@ -60,19 +60,31 @@ def checkpoint_directory(source: str) -> Path:
     return Path(snapshot_download(source, allow_patterns=["*.safetensors", _INDEX, "*.json"]))
 
 
-def load_pretrained_partitioned(source: str, dtype: torch.dtype) -> PreTrainedModel:
-    """The HF base model of ``source`` with its checkpoint weights, each parameter partitioned over the ranks.
+def load_pretrained_partitioned(
+    source: str,
+    dtype: torch.dtype,
+    *,
+    model_class: type[PreTrainedModel] | None = None,
+    config: PretrainedConfig | None = None,
+    may_lack: tuple[str, ...] = (),
+) -> PreTrainedModel:
+    """``model_class`` (default: the HF base model of ``source``'s architecture) with ``source``'s weights, each
+    parameter partitioned over the ranks.
 
-    Needs ZeRO-3 construction (`partitioned_construction`): ``AutoModel.from_config`` then builds under
-    `deepspeed.zero.Init`. A checkpoint without safetensors weights goes through transformers' own ZeRO-3
-    ``from_pretrained`` (every rank reads all of it).
+    Needs ZeRO-3 construction (`partitioned_construction`): ``_from_config`` then builds under
+    `deepspeed.zero.Init` (and initializes on rank 0 what the checkpoint does not hold). Parameters whose
+    names start with one of ``may_lack`` may be missing from the checkpoint; any other missing one is an
+    error. A checkpoint without safetensors weights goes through transformers' own ZeRO-3 ``from_pretrained``
+    (every rank reads all of it).
     """
+    config = config if config is not None else AutoConfig.from_pretrained(source)
+    built: type[PreTrainedModel] = model_class or MODEL_MAPPING[type(config)]  # type: ignore[assignment]
     weight_map = safetensors_weight_map(checkpoint_directory(source))
     if weight_map is None:
         if dist.get_rank() == 0:
             print(f"{source} has no safetensors weights: every rank reads the whole checkpoint", flush=True)
-        return AutoModel.from_pretrained(source, dtype=dtype)
-    model = AutoModel.from_config(AutoConfig.from_pretrained(source), dtype=dtype)
+        return built.from_pretrained(source, config=config, dtype=dtype)
+    model = built._from_config(config, dtype=dtype)
     conversions = get_model_conversion_mapping(model)
     expected = set(model.state_dict())
     loaded: set[str] = set()
@@ -84,7 +96,7 @@ def load_pretrained_partitioned(source: str, dtype: torch.dtype) -> PreTrainedMo
         for name in sorted(converted):
             _copy_into_partition(model, name, converted[name])
         loaded.update(converted)
-    missing = sorted(expected - loaded)
+    missing = sorted(name for name in expected - loaded if not name.startswith(may_lack))
     if missing:
         raise ValueError(f"{source} has no weights for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     for module in model.modules():  # loaded: a later post_init must not initialize it again

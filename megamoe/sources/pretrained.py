@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from transformers import AutoConfig
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from ..config import ConfigError, ModelSection
 from ..model import MegaMoEConfig, MegaMoEForMultiTask
@@ -31,10 +32,20 @@ class PretrainedSource:
         return self._config(section, base, tasks=None)
 
     def build(self, request: BuildRequest) -> MegaMoEForMultiTask:
+        assert request.base is not None
         config = self._config(request.section, request.base, tasks=request.tasks)
         torch.manual_seed(request.options.seed)  # heads the checkpoint lacks
-        # Under ZeRO-3 (`partitioned_construction`) from_pretrained builds under zero.Init and reads the
-        # checkpoint into the partitions; otherwise on the meta device, filled in the run's dtype.
+        if is_deepspeed_zero3_enabled():  # inside `partitioned_construction` under ZeRO-3
+            from ..engine.partitioned_loading import load_pretrained_partitioned
+
+            return load_pretrained_partitioned(  # type: ignore[return-value]
+                request.base,
+                request.options.dtype,
+                model_class=MegaMoEForMultiTask,
+                config=config,
+                may_lack=("heads.",),  # `megamoe upcycle` writes a backbone without heads
+            )
+        # On the meta device, filled from the checkpoint in the run's dtype.
         return MegaMoEForMultiTask.from_pretrained(request.base, config=config, dtype=request.options.dtype)
 
     def _config(

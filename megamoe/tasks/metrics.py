@@ -107,8 +107,16 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
         tmp.write(text)
         tmp.flush()
+        # A temporary file is created 0600; the result gets the mode any file the user writes gets.
+        os.fchmod(tmp.fileno(), 0o666 & ~_current_umask())
         os.fsync(tmp.fileno())
     os.replace(tmp.name, path)
+
+
+def _current_umask() -> int:
+    umask = os.umask(0)  # the only way to read it is to set it
+    os.umask(umask)
+    return umask
 
 
 def write_json_atomic(path: str | Path, payload: Any) -> None:

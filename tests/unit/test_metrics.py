@@ -1,6 +1,8 @@
 """Metrics against hand-computed values."""
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -61,3 +63,15 @@ def test_table_and_atomic_json(tmp_path):
     write_json_atomic(tmp_path / "run" / "metrics.json", metrics)
     assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == metrics
     assert [p.name for p in (tmp_path / "run").iterdir()] == ["metrics.json"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_atomic_writes_follow_the_umask_like_any_file(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        write_json_atomic(tmp_path / "metrics.json", {"a": 1})
+        (tmp_path / "plain.json").write_text("{}")
+    finally:
+        os.umask(previous)
+    mode = stat.S_IMODE((tmp_path / "metrics.json").stat().st_mode)
+    assert mode == stat.S_IMODE((tmp_path / "plain.json").stat().st_mode) == 0o666 & ~umask

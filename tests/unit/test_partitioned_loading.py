@@ -68,3 +68,27 @@ def test_a_checkpoint_missing_a_weight_is_refused_naming_it(tmp_path):
         pytest.raises(ValueError, match=r"has no weights for \['norm.weight'\]"),
     ):
         load_hf_moe(str(published), tasks=TASKS)
+
+
+@pytest.mark.parametrize("with_heads", [True, False], ids=["trained model", "backbone without heads"])
+def test_init_pretrained_under_zero3_loads_a_megamoe_checkpoint_into_the_partitions(tmp_path, with_heads):
+    from megamoe import MegaMoEForMultiTask
+    from megamoe.config import ModelSection
+    from megamoe.sources import BuildOptions, build_model
+    from tests.conftest import tiny_config
+
+    saved = MegaMoEForMultiTask(tiny_config(tasks=TASKS if with_heads else {}))
+    saved.save_pretrained(tmp_path / "trained")
+    section = ModelSection(init="pretrained", base=str(tmp_path / "trained"), tokenizer="unused")
+    init_distributed()
+    config = deepspeed_config(TrainSection(max_steps=2, micro_batch_size=2), ParallelSection(zero_stage=3))
+    with partitioned_construction(config):
+        model = build_model(section, TASKS, None, BuildOptions(seed=0, dtype=torch.float32))
+    parameters = list(model.parameters())
+    assert all(hasattr(p, "ds_id") for p in parameters), "partitioned"
+    with deepspeed.zero.GatheredParameters(parameters):
+        state = model.state_dict()
+        for name, value in saved.state_dict().items():
+            assert torch.equal(state[name], value), name
+        head = state["heads.ner.out_proj.weight"]
+        assert head.shape == (5, 32) and head.abs().sum() > 0, "a fresh head where the checkpoint has none"
