@@ -92,3 +92,34 @@ def test_init_pretrained_under_zero3_loads_a_megamoe_checkpoint_into_the_partiti
             assert torch.equal(state[name], value), name
         head = state["heads.ner.out_proj.weight"]
         assert head.shape == (5, 32) and head.abs().sum() > 0, "a fresh head where the checkpoint has none"
+
+
+def test_a_partitioned_bf16_backbone_trains_under_its_fresh_heads(tmp_path):
+    """DeepSpeed casts nothing once part of a module came from zero.Init: the engine casts the heads (built
+    afterwards, in fp32) to bf16, else ZeRO-3's optimizer refuses partitions of mixed dtypes."""
+    from megamoe.engine.deepspeed_engine import Engine
+    from megamoe.tasks.objective import MultiTaskObjective
+    from megamoe.tasks.weighting import build_weighting
+
+    published = tmp_path / "published"
+    AutoModelForCausalLM.from_config(tiny_hf_moe_config("qwen3_moe")).to(torch.bfloat16).save_pretrained(
+        published
+    )
+    init_distributed()
+    train = TrainSection(max_steps=20, micro_batch_size=2, precision="bf16", lr=1e-2, warmup_ratio=0.0)
+    config = deepspeed_config(train, ParallelSection(zero_stage=3))
+    with partitioned_construction(config):
+        model = load_hf_moe(str(published), tasks={"topic": TASKS["topic"]}, dtype=torch.bfloat16)
+    assert model.heads["topic"].out_proj.weight.dtype == torch.float32
+    engine = Engine(MultiTaskObjective(model, build_weighting("static", ["topic"])), config)
+    assert {p.dtype for p in engine.engine.module.parameters()} == {torch.bfloat16}
+    ids = torch.randint(1, 64, (2, 9))
+    batch = {
+        "task": "topic",
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": torch.tensor([0, 2]),
+    }
+    # DeepSpeed's WarmupDecayLR gives the first two optimizer steps lr 0 (its warmup is >= 2 steps).
+    losses = [float(engine.train_step(batch).loss) for _ in range(5)]
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0] - 0.05, losses
