@@ -1,5 +1,9 @@
-"""ZeRO-3 loading of a published HF checkpoint into a model built partitioned (`deepspeed.zero.Init`): one
-layer's tensors at a time, read by rank 0 only and scattered by DeepSpeed into every rank's partition.
+"""Building and loading HF-style models so that, under ZeRO-3, no rank holds the whole model: built
+partitioned (`deepspeed.zero.Init`), then filled one checkpoint layer at a time, read by rank 0 only and
+scattered by DeepSpeed into every rank's partition. Outside ZeRO-3, transformers' own `from_pretrained`.
+
+The transformers internals this needs (`_from_config`, the weight conversion of a state dict, the
+`_is_hf_initialized` flag) are used here only; tests/unit/test_partitioned_loading.py fails when they change.
 
 transformers' own ZeRO-3 ``from_pretrained`` has every rank read the whole checkpoint and convert it (the
 published per-expert tensors become fused ``[E, ...]`` ones) before rank 0 copies it in: while it loads, each
@@ -13,6 +17,7 @@ import json
 import re
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import deepspeed
 import torch
@@ -20,6 +25,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from transformers import MODEL_MAPPING, AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.integrations.deepspeed import _apply_weight_conversions_to_state_dict
 
 _INDEX = "model.safetensors.index.json"
@@ -60,7 +66,15 @@ def checkpoint_directory(source: str) -> Path:
     return Path(snapshot_download(source, allow_patterns=["*.safetensors", _INDEX, "*.json"]))
 
 
-def load_pretrained_partitioned(
+def from_config(
+    model_class: type[PreTrainedModel], config: PretrainedConfig, **kwargs: Any
+) -> PreTrainedModel:
+    """A randomly initialized ``model_class``, built partitioned under ZeRO-3 (`partitioned_construction`):
+    transformers' own route for ``AutoModel.from_config``, for any class."""
+    return model_class._from_config(config, **kwargs)
+
+
+def load_pretrained(
     source: str,
     dtype: torch.dtype,
     *,
@@ -68,23 +82,25 @@ def load_pretrained_partitioned(
     config: PretrainedConfig | None = None,
     may_lack: tuple[str, ...] = (),
 ) -> PreTrainedModel:
-    """``model_class`` (default: the HF base model of ``source``'s architecture) with ``source``'s weights, each
-    parameter partitioned over the ranks.
+    """``model_class`` (default: the HF base model of ``source``'s architecture) with ``source``'s weights in
+    ``dtype``, loaded once.
 
-    Needs ZeRO-3 construction (`partitioned_construction`): ``_from_config`` then builds under
-    `deepspeed.zero.Init` (and initializes on rank 0 what the checkpoint does not hold). Parameters whose
-    names start with one of ``may_lack`` may be missing from the checkpoint; any other missing one is an
-    error. A checkpoint without safetensors weights goes through transformers' own ZeRO-3 ``from_pretrained``
-    (every rank reads all of it).
+    Under ZeRO-3 (inside `partitioned_construction`) each parameter is partitioned over the ranks as it is
+    built and filled layer by layer from rank 0's reads; parameters whose names start with one of ``may_lack``
+    may be missing from the checkpoint (initialized, on rank 0), any other missing one is an error. Otherwise,
+    and for a checkpoint without safetensors weights, transformers' ``from_pretrained`` (the meta device, then
+    the checkpoint; under ZeRO-3 every rank then reads all of it).
     """
     config = config if config is not None else AutoConfig.from_pretrained(source)
     built: type[PreTrainedModel] = model_class or MODEL_MAPPING[type(config)]  # type: ignore[assignment]
-    weight_map = safetensors_weight_map(checkpoint_directory(source))
+    weight_map = (
+        safetensors_weight_map(checkpoint_directory(source)) if is_deepspeed_zero3_enabled() else None
+    )
     if weight_map is None:
-        if dist.get_rank() == 0:
+        if is_deepspeed_zero3_enabled() and dist.get_rank() == 0:
             print(f"{source} has no safetensors weights: every rank reads the whole checkpoint", flush=True)
         return built.from_pretrained(source, config=config, dtype=dtype)
-    model = built._from_config(config, dtype=dtype)
+    model = from_config(built, config, dtype=dtype)
     conversions = get_model_conversion_mapping(model)
     expected = set(model.state_dict())
     loaded: set[str] = set()
@@ -100,7 +116,7 @@ def load_pretrained_partitioned(
     if missing:
         raise ValueError(f"{source} has no weights for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     for module in model.modules():  # loaded: a later post_init must not initialize it again
-        module._is_hf_initialized = True
+        setattr(module, "_is_hf_initialized", True)  # noqa: B010 (nn.Module typing of attributes)
     return model
 
 

@@ -14,8 +14,7 @@ No random copy is built first.
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModel
-from transformers.integrations import is_deepspeed_zero3_enabled
+from transformers import AutoConfig
 
 from ..config import ModelSection
 from ..model import MegaMoEConfig, MegaMoEForMultiTask
@@ -51,12 +50,9 @@ def load_hf_moe(
     `router_aux_loss_coef`, `router_z_loss_coef`.
     """
     config = hf_moe_config(source, tasks=tasks, **architecture)
-    if is_deepspeed_zero3_enabled():  # inside `partitioned_construction` under ZeRO-3
-        from ..engine.partitioned_loading import load_pretrained_partitioned
+    from ..engine.partitioned_loading import load_pretrained  # imports deepspeed: only when a model is built
 
-        backbone = load_pretrained_partitioned(source, dtype)
-    else:
-        backbone = AutoModel.from_pretrained(source, dtype=dtype)
+    backbone = load_pretrained(source, dtype)
     torch.manual_seed(seed)  # the heads' init
     return MegaMoEForMultiTask(config, backbone=backbone)
 

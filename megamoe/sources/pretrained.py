@@ -9,7 +9,6 @@ from typing import Any
 
 import torch
 from transformers import AutoConfig
-from transformers.integrations import is_deepspeed_zero3_enabled
 
 from ..config import ConfigError, ModelSection
 from ..model import MegaMoEConfig, MegaMoEForMultiTask
@@ -35,18 +34,17 @@ class PretrainedSource:
         assert request.base is not None
         config = self._config(request.section, request.base, tasks=request.tasks)
         torch.manual_seed(request.options.seed)  # heads the checkpoint lacks
-        if is_deepspeed_zero3_enabled():  # inside `partitioned_construction` under ZeRO-3
-            from ..engine.partitioned_loading import load_pretrained_partitioned
+        from ..engine.partitioned_loading import (
+            load_pretrained,  # imports deepspeed: only when a model is built
+        )
 
-            return load_pretrained_partitioned(  # type: ignore[return-value]
-                request.base,
-                request.options.dtype,
-                model_class=MegaMoEForMultiTask,
-                config=config,
-                may_lack=("heads.",),  # `megamoe upcycle` writes a backbone without heads
-            )
-        # On the meta device, filled from the checkpoint in the run's dtype.
-        return MegaMoEForMultiTask.from_pretrained(request.base, config=config, dtype=request.options.dtype)
+        return load_pretrained(  # type: ignore[return-value]
+            request.base,
+            request.options.dtype,
+            model_class=MegaMoEForMultiTask,
+            config=config,
+            may_lack=("heads.",),  # `megamoe upcycle` writes a backbone without heads
+        )
 
     def _config(
         self, section: ModelSection, base: str | None, *, tasks: dict[str, dict[str, Any]] | None

