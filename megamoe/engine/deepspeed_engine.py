@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+from deepspeed.runtime.zero.utils import is_zero_param
 from torch import nn
 
 from ..config import ParallelSection, TrainSection
@@ -243,10 +244,10 @@ def _cast_parameters_built_outside_zero_init(module: nn.Module, config: dict[str
         else None
     )
     parameters = list(module.parameters())
-    if dtype is None or not any(hasattr(p, "ds_id") for p in parameters):
+    if dtype is None or not any(is_zero_param(p) for p in parameters):
         return
     for param in parameters:
-        if not hasattr(param, "ds_id") and param.is_floating_point():
+        if not is_zero_param(param) and param.is_floating_point():
             param.data = param.data.to(dtype)
 
 
