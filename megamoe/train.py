@@ -27,7 +27,6 @@ from .engine.deepspeed_engine import (
     Engine,
     check_topology,
     deepspeed_config,
-    launch_world_size,
     merge_user_deepspeed_config,
     partitioned_construction,
     user_deepspeed_config_path,
@@ -110,7 +109,7 @@ def run(
     ds_config = deepspeed_config(config.train, parallel)
     user_ds_config = user_deepspeed_config_path(parallel)
     if user_ds_config is not None:
-        ds_config = merge_user_deepspeed_config(user_ds_config, ds_config, world_size=launch_world_size())
+        ds_config = merge_user_deepspeed_config(user_ds_config, ds_config, world_size=world_size)
     options = BuildOptions(
         seed=config.train.seed, dtype=_DTYPES[config.train.precision], cache_dir=config.data.cache_dir
     )
