@@ -10,7 +10,6 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoModel, PretrainedConfig
 
 from ..config import ModelSection
@@ -253,8 +252,7 @@ def upcycle_pretrained(
 
     The backbone comes from `upcycle_bert_state_dict`; each sequence head's dense layer starts from the
     checkpoint's pooler when it has one (what `BertForSequenceClassification` does), the output layers
-    start from the usual random init. The MegaMoE's parameters are built on the meta device and take the upcycled tensors
-    as they are: memory holds the dense model plus the expert stacks, never a random MegaMoE besides.
+    start from the usual random init.
     """
     dense = AutoModel.from_pretrained(source, dtype=torch.float32)
     config = config_from_bert(dense.config, tasks=tasks, **architecture)
@@ -268,13 +266,12 @@ def upcycle_pretrained(
         expert_noise_std=expert_noise_std,
         generator=generator,
     )
-    with init_empty_weights(include_buffers=False):
-        model = MegaMoEForMultiTask(config)
-    model.model.load_state_dict(backbone, strict=True, assign=True)
-    del backbone
+    # Built whole and seeded as before 2026-12-01: a meta-device build with only the heads initialized drew
+    # other head weights, and the quickstart's test scores moved (topic 0.893 -> 0.701, NER F1 0.187 -> 0.081).
     torch.manual_seed(seed)
-    model.heads.to_empty(device="cpu")
-    model.heads.apply(model._init_weights)
+    model = MegaMoEForMultiTask(config)
+    model.model.load_state_dict(backbone, strict=True)
+    del backbone
     if "pooler.dense.weight" in dense_state:
         with torch.no_grad():
             for head in model.heads.values():
