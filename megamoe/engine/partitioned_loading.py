@@ -25,6 +25,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from transformers import MODEL_MAPPING, AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import WeightConverter
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.integrations.deepspeed import _apply_weight_conversions_to_state_dict
 
@@ -104,13 +105,15 @@ def load_pretrained(
     conversions = get_model_conversion_mapping(model)
     expected = set(model.state_dict())
     loaded: set[str] = set()
-    for keys in _layer_chunks(weight_map):
-        chunk = _read(keys, weight_map, real=dist.get_rank() == 0)
+    for keys in _load_chunks(weight_map, conversions):
         # Renames (the CausalLM's `model.` prefix) and fusions, on real tensors on rank 0 and on meta
         # tensors elsewhere: every rank gets the same names, in the same order, for the collectives below.
-        converted = _apply_weight_conversions_to_state_dict(model, chunk, conversions)
+        # The tensors as read are dropped once converted.
+        converted = _apply_weight_conversions_to_state_dict(
+            model, _read(keys, weight_map, real=dist.get_rank() == 0), conversions
+        )
         for name in sorted(converted):
-            _copy_into_partition(model, name, converted[name])
+            copy_into_partition(model, name, converted[name])
         loaded.update(converted)
     missing = sorted(name for name in expected - loaded if not name.startswith(may_lack))
     if missing:
@@ -120,13 +123,24 @@ def load_pretrained(
     return model
 
 
-def _layer_chunks(weight_map: dict[str, Path]) -> list[list[str]]:
-    """The checkpoint's tensor names grouped by layer (what one conversion needs: all of a layer's experts);
-    embeddings, final norm and LM head form one more group."""
-    chunks: dict[int, list[str]] = defaultdict(list)
+def _load_chunks(weight_map: dict[str, Path], conversions: list[Any]) -> list[list[str]]:
+    """The checkpoint's tensor names in the groups that are read, converted and scattered together: per layer,
+    the sources of each many-to-one conversion (all of a layer's experts' gate and up projections become one
+    fused tensor), then the layer's other tensors; embeddings, final norm and LM head form one more group.
+    Rank 0 then holds one converted parameter and its sources at a time, not a layer."""
+    merges = [
+        [re.compile(re.escape(pattern).replace(r"\*", r"\d+")) for pattern in conversion.source_patterns]
+        for conversion in conversions
+        if isinstance(conversion, WeightConverter)
+    ]
+    chunks: dict[tuple[int, int], list[str]] = defaultdict(list)
     for key in weight_map:
         layer = _LAYER.search(key)
-        chunks[int(layer.group(1)) if layer else -1].append(key)
+        merge = next(
+            (index for index, patterns in enumerate(merges) if any(p.search(key) for p in patterns)),
+            len(merges),
+        )
+        chunks[int(layer.group(1)) if layer else -1, merge].append(key)
     return [sorted(chunks[index]) for index in sorted(chunks)]
 
 
@@ -149,9 +163,15 @@ def _read(keys: list[str], weight_map: dict[str, Path], *, real: bool) -> dict[s
     return tensors
 
 
-def _copy_into_partition(model: PreTrainedModel, name: str, value: torch.Tensor) -> None:
-    """Rank 0's ``value`` into parameter (or buffer) ``name`` on every rank."""
+def copy_into_partition(model: PreTrainedModel, name: str, value: torch.Tensor) -> None:
+    """``value`` into parameter (or buffer) ``name``, cast to its dtype. Under ZeRO-3 (inside
+    `partitioned_construction`) rank 0's ``value`` reaches every rank's partition, and other ranks' values
+    are not read (they may be meta tensors)."""
     target = model.get_parameter_or_buffer(name)
+    if not is_deepspeed_zero3_enabled():
+        with torch.no_grad():
+            target.copy_(value)
+        return
     if isinstance(target, torch.nn.Parameter):
         # Gathered in full on every rank for the copy, then re-partitioned from rank 0's data.
         with deepspeed.zero.GatheredParameters([target], modifier_rank=0), torch.no_grad():

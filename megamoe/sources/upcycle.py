@@ -6,10 +6,14 @@ upcycled model computes exactly what the dense one does: identical experts with 
 weights sum back to the dense FFN.
 """
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import torch
+from safetensors import safe_open
+from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig
 
 from ..config import ModelSection
@@ -153,57 +157,52 @@ def config_from_bert(dense_config: PretrainedConfig, **overrides: Any) -> MegaMo
     return MegaMoEConfig(**kwargs)
 
 
-def upcycle_bert_state_dict(
-    dense_state: dict[str, torch.Tensor],
+def upcycled_tensors(
+    dense_state: Mapping[str, torch.Tensor],
     config: MegaMoEConfig,
     *,
     model_type: str = "bert",
     expert_noise_std: float = 0.0,
     router_std: float | None = None,
     generator: torch.Generator | None = None,
-) -> dict[str, torch.Tensor]:
-    """Map a BERT-family base model's state dict (``bert.`` / ``roberta.`` / ``distilbert.`` prefix allowed)
-    onto `MegaMoEModel` keys.
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The `MegaMoEModel` tensors a BERT-family base model's tensors (``bert.`` / ``roberta.`` /
+    ``distilbert.`` prefix allowed) upcycle into, one at a time: `MegaMoEModel` key and value.
 
     Args:
-        dense_state: the dense checkpoint's tensors.
+        dense_state: the dense checkpoint's tensors (a dict, or a mapping that reads each when asked).
         config: from `config_from_bert`.
         model_type: the dense checkpoint's family, a key of `LAYOUTS`.
         expert_noise_std: relative std of Gaussian noise added to each expert copy (0 = exact copies).
         router_std: std of the router init; defaults to ``config.initializer_range``.
-        generator: RNG for the noise and the router init.
+        generator: RNG for the noise and the router init, drawn in the order the tensors come.
 
-    Returns:
-        A state dict that `MegaMoEModel.load_state_dict(..., strict=True)` accepts. Tensors copied unchanged
-        are the dense state's own (no second copy of the model); expert stacks are new.
+    Yields every key `MegaMoEModel.load_state_dict(..., strict=True)` needs, once. Tensors copied unchanged
+    are the dense state's own; expert stacks are new, one at a time: a large dense checkpoint streams
+    through, it is never upcycled whole in memory.
     """
     if config.num_shared_experts > 0:
         raise ValueError("upcycling starts without shared experts (a copy would count the dense FFN twice)")
     layout = _layout(model_type)
-    # A task model's state dict (`BertForSequenceClassification`, ...) nests the encoder under its prefix.
-    prefix = next(
-        (p for p in ("bert.", "roberta.", "distilbert.") if any(k.startswith(p) for k in dense_state)), ""
-    )
-    src = {key.removeprefix(prefix): value for key, value in dense_state.items()}
-    out: dict[str, torch.Tensor] = {}
+    names = _encoder_names(dense_state)
 
     def tensor(path: str, param: str = "weight") -> torch.Tensor:
         key = f"{path}.{param}"
-        if key not in src:
+        if key not in names:
             raise KeyError(f"the dense checkpoint has no {key!r}; is it a {model_type} encoder?")
-        return src[key]
+        return dense_state[names[key]]
 
-    def take(ours: str, theirs: str) -> None:
+    def take(ours: str, theirs: str) -> Iterator[tuple[str, torch.Tensor]]:
         for param in ("weight", "bias"):
-            out[f"{ours}.{param}"] = tensor(theirs, param)
+            yield f"{ours}.{param}", tensor(theirs, param)
 
-    out["embeddings.word_embeddings.weight"] = tensor(layout.word_embeddings)
+    yield "embeddings.word_embeddings.weight", tensor(layout.word_embeddings)
     start = _first_position(model_type, config.pad_token_id)
     positions = tensor(layout.position_embeddings)[start : start + config.max_position_embeddings]
-    out["embeddings.position_embeddings.weight"] = positions.clone()  # a slice: its own, smaller storage
+    yield "embeddings.position_embeddings.weight", positions.clone()  # a slice: its own, smaller storage
     if layout.token_type_embeddings is not None:
-        out["embeddings.token_type_embeddings.weight"] = tensor(layout.token_type_embeddings)
-    take("embeddings.norm", layout.embeddings_norm)
+        yield "embeddings.token_type_embeddings.weight", tensor(layout.token_type_embeddings)
+    yield from take("embeddings.norm", layout.embeddings_norm)
 
     for i in range(config.num_hidden_layers):
         ours = f"layers.{i}"
@@ -215,29 +214,57 @@ def upcycle_bert_state_dict(
             ("attention_norm", layout.attention_norm),
             ("ffn_norm", layout.ffn_norm),
         ):
-            take(f"{ours}.{our_name}", path.format(i=i))
+            yield from take(f"{ours}.{our_name}", path.format(i=i))
         if not config.is_moe_layer(i):
-            take(f"{ours}.mlp.up_proj", layout.ffn_up.format(i=i))
-            take(f"{ours}.mlp.down_proj", layout.ffn_down.format(i=i))
+            yield from take(f"{ours}.mlp.up_proj", layout.ffn_up.format(i=i))
+            yield from take(f"{ours}.mlp.down_proj", layout.ffn_down.format(i=i))
             continue
-        dense_ffn = {
-            "up_proj": tensor(layout.ffn_up.format(i=i)),
-            "up_proj_bias": tensor(layout.ffn_up.format(i=i), "bias"),
-            "down_proj": tensor(layout.ffn_down.format(i=i)),
-            "down_proj_bias": tensor(layout.ffn_down.format(i=i), "bias"),
-        }
-        for name, dense in dense_ffn.items():
+        dtype = torch.float32
+        for name, path, param in (
+            ("up_proj", layout.ffn_up, "weight"),
+            ("up_proj_bias", layout.ffn_up, "bias"),
+            ("down_proj", layout.ffn_down, "weight"),
+            ("down_proj_bias", layout.ffn_down, "bias"),
+        ):
+            dense = tensor(path.format(i=i), param)
+            dtype = dense.dtype
             copies = dense.expand(config.num_experts, *dense.shape).clone()
             if expert_noise_std > 0:
                 noise = torch.randn(copies.shape, generator=generator, dtype=copies.dtype)
                 copies += expert_noise_std * dense.std() * noise
-            out[f"{ours}.mlp.experts.{name}"] = copies
+            yield f"{ours}.mlp.experts.{name}", copies
         std = config.initializer_range if router_std is None else router_std
         router = torch.randn(config.num_experts, config.hidden_size, generator=generator) * std
-        out[f"{ours}.mlp.router.weight"] = router.to(dense_ffn["up_proj"].dtype)
+        yield f"{ours}.mlp.router.weight", router.to(dtype)
         if config.task_aware_routing:
-            out[f"{ours}.mlp.router.task_logit_bias"] = torch.zeros(len(config.tasks), config.num_experts)
-    return out
+            yield f"{ours}.mlp.router.task_logit_bias", torch.zeros(len(config.tasks), config.num_experts)
+
+
+def _encoder_names(dense_state: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """The encoder's tensor names -> their keys in ``dense_state``: a task model's state dict
+    (`BertForSequenceClassification`, ...) nests the encoder under its family's prefix."""
+    prefix = next(
+        (p for p in ("bert.", "roberta.", "distilbert.") if any(k.startswith(p) for k in dense_state)), ""
+    )
+    return {key.removeprefix(prefix): key for key in dense_state}
+
+
+class _SafetensorsTensors(Mapping[str, torch.Tensor]):
+    """A checkpoint's tensors as float32, each read from its safetensors file when asked (the file's pages,
+    shared by the node's ranks, not a copy per rank)."""
+
+    def __init__(self, weight_map: dict[str, Path]):
+        self._files = weight_map
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        with safe_open(self._files[key], "pt") as checkpoint:
+            return checkpoint.get_tensor(key).to(torch.float32)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)
 
 
 def upcycle_pretrained(
@@ -246,38 +273,58 @@ def upcycle_pretrained(
     tasks: dict[str, dict[str, Any]],
     expert_noise_std: float = 0.0,
     seed: int = 0,
+    dtype: torch.dtype = torch.float32,
     **architecture: Any,
 ) -> MegaMoEForMultiTask:
-    """Upcycle a dense BERT-family checkpoint (local directory or Hub id) into a multi-task MegaMoE.
+    """Upcycle a dense BERT-family checkpoint (local directory or Hub id) into a multi-task MegaMoE in
+    ``dtype``.
 
-    The backbone comes from `upcycle_bert_state_dict`; each sequence head's dense layer starts from the
-    checkpoint's pooler when it has one (what `BertForSequenceClassification` does), the output layers
-    start from the usual random init.
+    The backbone comes from `upcycled_tensors`; each sequence head's dense layer starts from the checkpoint's
+    pooler when it has one (what `BertForSequenceClassification` does), the output layers start from the usual
+    random init. One copy of the MegaMoE is built (partitioned under ZeRO-3: `partitioned_construction`) and
+    filled one upcycled tensor at a time, read from the dense checkpoint's safetensors files as they come.
     """
-    dense = AutoModel.from_pretrained(source, dtype=torch.float32)
-    config = config_from_bert(dense.config, tasks=tasks, **architecture)
+    from ..engine.partitioned_loading import (  # imports deepspeed: only when a model is built
+        checkpoint_directory,
+        copy_into_partition,
+        from_config,
+        safetensors_weight_map,
+    )
+
+    dense_config = AutoConfig.from_pretrained(source)
+    config = config_from_bert(dense_config, tasks=tasks, **architecture)
+    weight_map = safetensors_weight_map(checkpoint_directory(source))
+    dense_state: Mapping[str, torch.Tensor] = (
+        _SafetensorsTensors(weight_map)
+        if weight_map is not None
+        else AutoModel.from_pretrained(source, dtype=torch.float32).state_dict()
+    )
+    # Seeded and initialized whole, then overwritten: the heads draw what they drew before 2026-12-01 (a
+    # meta-device build initializing only the heads drew other weights, and the quickstart's test scores
+    # moved: topic 0.893 -> 0.701, NER F1 0.187 -> 0.081).
+    torch.manual_seed(seed)
+    model = from_config(MegaMoEForMultiTask, config, dtype=dtype)
+    assert isinstance(model, MegaMoEForMultiTask)
     generator = torch.Generator().manual_seed(seed)
-    model_type, dense_state = dense.config.model_type, dense.state_dict()
-    del dense
-    backbone = upcycle_bert_state_dict(
+    expected = set(model.model.state_dict())
+    for name, value in upcycled_tensors(
         dense_state,
         config,
-        model_type=model_type,
+        model_type=dense_config.model_type,
         expert_noise_std=expert_noise_std,
         generator=generator,
-    )
-    # Built whole and seeded as before 2026-12-01: a meta-device build with only the heads initialized drew
-    # other head weights, and the quickstart's test scores moved (topic 0.893 -> 0.701, NER F1 0.187 -> 0.081).
-    torch.manual_seed(seed)
-    model = MegaMoEForMultiTask(config)
-    model.model.load_state_dict(backbone, strict=True)
-    del backbone
-    if "pooler.dense.weight" in dense_state:
-        with torch.no_grad():
-            for head in model.heads.values():
-                if isinstance(head, MegaMoESequenceHead):
-                    head.dense.weight.copy_(dense_state["pooler.dense.weight"])
-                    head.dense.bias.copy_(dense_state["pooler.dense.bias"])
+    ):
+        copy_into_partition(model.model, name, value)
+        expected.discard(name)
+    if expected:
+        raise ValueError(f"upcycling left {sorted(expected)[:5]} of the MegaMoE unset")
+    names = _encoder_names(dense_state)
+    if "pooler.dense.weight" in names:
+        for task, head in cast(nn.ModuleDict, model.heads).items():
+            if isinstance(head, MegaMoESequenceHead):
+                for param in ("weight", "bias"):
+                    pooler = dense_state[names[f"pooler.dense.{param}"]]
+                    copy_into_partition(model, f"heads.{task}.dense.{param}", pooler)
     return model
 
 
@@ -296,5 +343,6 @@ class UpcycleSource:
             tasks=request.tasks,
             expert_noise_std=request.section.expert_noise_std,
             seed=request.options.seed,
+            dtype=request.options.dtype,
             **request.section.architecture,
         )

@@ -37,9 +37,19 @@ def test_a_zero3_load_holds_the_checkpoint_weights_read_layer_by_layer(
     with partitioned_construction(config):
         model = load_hf_moe(str(published), tasks=TASKS, dtype=torch.bfloat16)
 
-    # One read per layer, plus embeddings / final norm / LM head: never the whole checkpoint at once.
-    assert len(chunks) == causal_lm.config.num_hidden_layers + 1
-    assert all(all(".layers.1." not in key for key in chunk) for chunk in chunks[:2])
+    # Read in groups, each within one layer: the sources of one fused expert tensor (gate + up of every
+    # expert, then down), the layer's other tensors; plus embeddings / final norm / LM head. Never a whole
+    # layer, never the checkpoint, at once.
+    layers = causal_lm.config.num_hidden_layers
+    experts = getattr(causal_lm.config, "num_experts", None) or causal_lm.config.num_local_experts
+    assert len(chunks) == 3 * layers + 1
+    assert all(
+        len({key.split(".layers.")[1].split(".")[0] for key in chunk if ".layers." in key}) <= 1
+        for chunk in chunks
+    )
+    expert_chunks = [chunk for chunk in chunks if any(".experts." in key for key in chunk)]
+    assert sorted(len(chunk) for chunk in expert_chunks) == sorted([2 * experts, experts] * layers)
+    assert all(all(".experts." in key for key in chunk) for chunk in expert_chunks)
     expected = AutoModel.from_pretrained(published, dtype=torch.bfloat16).state_dict()
     backbone = model.model.backbone
     parameters = dict(backbone.named_parameters())
@@ -145,3 +155,33 @@ def test_init_scratch_under_zero3_is_built_partitioned():
     with deepspeed.zero.GatheredParameters(parameters):
         assert model.model.embeddings.word_embeddings.weight.shape == (len(tokenizer), 32)
         assert model.model.layers[0].mlp.experts.up_weight.abs().sum() > 0, "initialized"
+
+
+def test_upcycling_under_zero3_fills_the_partitions_with_the_upcycled_model(tmp_path):
+    """`init: upcycle` under ZeRO-3: one partitioned MegaMoE holding the upcycled backbone and the pooler-
+    initialized head layers bit for bit; the heads' random output layers are drawn in another order under
+    zero.Init (transformers initializes one gathered module at a time), so they are only checked to be an init."""
+    from transformers import BertConfig, BertModel
+
+    from megamoe.sources.upcycle import upcycle_pretrained
+
+    dense = BertModel(
+        BertConfig(
+            vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+        )
+    )
+    dense.save_pretrained(tmp_path)
+    arguments = dict(tasks=TASKS, expert_noise_std=0.01, seed=3, num_experts=4)
+    whole = upcycle_pretrained(str(tmp_path), **arguments)
+    init_distributed()
+    config = deepspeed_config(TrainSection(max_steps=2, micro_batch_size=2), ParallelSection(zero_stage=3))
+    with partitioned_construction(config):
+        partitioned = upcycle_pretrained(str(tmp_path), **arguments)
+    parameters = list(partitioned.parameters())
+    assert all(hasattr(p, "ds_id") and p.numel() == 0 for p in parameters), "partitioned"
+    with deepspeed.zero.GatheredParameters(parameters):
+        state = partitioned.state_dict()
+        differ = [name for name, value in whole.state_dict().items() if not torch.equal(state[name], value)]
+        assert differ == [f"heads.{task}.out_proj.weight" for task in TASKS], differ
+        for name in differ:
+            assert 0.01 < float(state[name].std()) < 0.03, "the initializer_range (0.02) init"

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoTokenizer, BertConfig, BertModel
 
 from megamoe import MegaMoEModel
-from megamoe.sources.upcycle import config_from_bert, upcycle_bert_state_dict
+from megamoe.sources.upcycle import config_from_bert, upcycled_tensors
 
 TINY_BERT = BertConfig(
     vocab_size=100,
@@ -32,7 +32,7 @@ def bert_inputs(vocab=100):
 def upcycled(bert: BertModel, **moe) -> MegaMoEModel:
     config = config_from_bert(bert.config, **moe)
     model = MegaMoEModel(config)
-    model.load_state_dict(upcycle_bert_state_dict(bert.state_dict(), config), strict=True)
+    model.load_state_dict(dict(upcycled_tensors(bert.state_dict(), config)), strict=True)
     return model.eval()
 
 
@@ -63,8 +63,10 @@ def test_upcycled_tiny_bert_equals_dense_bert(moe):
 def test_noise_breaks_expert_symmetry():
     bert = BertModel(TINY_BERT, add_pooling_layer=False)
     config = config_from_bert(bert.config, num_experts=4, num_experts_per_tok=2)
-    state = upcycle_bert_state_dict(
-        bert.state_dict(), config, expert_noise_std=0.01, generator=torch.Generator().manual_seed(0)
+    state = dict(
+        upcycled_tensors(
+            bert.state_dict(), config, expert_noise_std=0.01, generator=torch.Generator().manual_seed(0)
+        )
     )
     experts = state["layers.0.mlp.experts.up_proj"]
     assert not torch.equal(experts[0], experts[1])
@@ -236,7 +238,7 @@ def test_distilbert_sinusoidal_positions_are_stored_weights_that_upcycling_copie
 def test_roberta_position_table_is_rebased_after_the_pad_row():
     dense = tiny_dense("roberta")
     config = config_from_bert(dense.config, num_experts=4)
-    state = upcycle_bert_state_dict(dense.state_dict(), config, model_type="roberta")
+    state = dict(upcycled_tensors(dense.state_dict(), config, model_type="roberta"))
     table = dense.state_dict()["embeddings.position_embeddings.weight"]
     torch.testing.assert_close(state["embeddings.position_embeddings.weight"], table[2:42])
 
@@ -263,3 +265,40 @@ def test_upcycle_command_takes_a_roberta_directory_and_its_tokenizer(tmp_path, c
         got = moe.model(enc["input_ids"], enc["attention_mask"]).last_hidden_state
     real = enc["attention_mask"].bool()
     torch.testing.assert_close(got[real], expected[real], rtol=1e-5, atol=1e-5)
+
+
+def test_upcycling_streams_the_dense_checkpoint_into_one_model(tmp_path, monkeypatch):
+    """Each dense tensor is read when its upcycled tensor is copied in, never the whole checkpoint first, and
+    the MegaMoE is built once, in the run's dtype."""
+    from megamoe.engine import partitioned_loading
+    from megamoe.sources import upcycle
+
+    dense = tiny_dense("bert")
+    dense.save_pretrained(tmp_path)
+    events: list[str] = []
+    read = upcycle._SafetensorsTensors.__getitem__
+    monkeypatch.setattr(
+        upcycle._SafetensorsTensors,
+        "__getitem__",
+        lambda self, key: events.append(f"read {key}") or read(self, key),
+    )
+    copy = partitioned_loading.copy_into_partition
+    monkeypatch.setattr(
+        partitioned_loading,
+        "copy_into_partition",
+        lambda model, name, value: events.append(f"copy {name}") or copy(model, name, value),
+    )
+    model = upcycle.upcycle_pretrained(str(tmp_path), tasks={}, num_experts=4, dtype=torch.bfloat16)
+
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    first_layer_1_read = events.index("read encoder.layer.1.intermediate.dense.weight")
+    assert "copy layers.0.mlp.experts.up_proj" in events[:first_layer_1_read], (
+        "layer 0 copied before layer 1 is read"
+    )
+    reads = [event for event in events if event.startswith("read")]
+    assert len(reads) == len(set(reads)), "each dense tensor read once"
+    expected = dict(
+        upcycled_tensors(dense.state_dict(), model.config, generator=torch.Generator().manual_seed(0))
+    )
+    for name, value in model.model.state_dict().items():
+        torch.testing.assert_close(value, expected[name].to(torch.bfloat16), rtol=0, atol=0)
