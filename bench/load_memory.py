@@ -112,7 +112,7 @@ def worker(args: argparse.Namespace) -> None:
     import transformers.models.qwen3_moe.modeling_qwen3_moe  # noqa: F401
 
     import megamoe.engine.partitioned_loading  # noqa: F401
-    from megamoe.checkpoint.export import load_checkpoint_model
+    from megamoe.checkpoint.export import export_weights
     from megamoe.checkpoint.resume import Checkpointer, Topology
     from megamoe.config import ParallelSection, TrainSection
     from megamoe.engine.deepspeed_engine import Engine, deepspeed_config, partitioned_construction
@@ -155,9 +155,7 @@ def worker(args: argparse.Namespace) -> None:
         tag_dir = checkpointer.save(1)
     if rank == 0:  # export_checkpoint's weights part (this checkpoint has no tokenizer to copy)
         with sampler.phase("export"):
-            load_checkpoint_model(tag_dir).save_pretrained(
-                Path(args.out_dir) / "exported", max_shard_size="200MB"
-            )
+            export_weights(tag_dir, Path(args.out_dir) / "exported", max_shard_size="200MB")
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / _GIB
     result = {
         "rank": rank,

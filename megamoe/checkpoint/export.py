@@ -6,9 +6,12 @@ MegaMoE's ``[E, ...]`` expert tensors. HF backbones sharded by AutoEP go through
 checkpoint conversion instead. No process group is needed: it reads files.
 """
 
+import math
+import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -24,31 +27,111 @@ from .resume import CheckpointError, read_run_info, resolve_checkpoint
 _MODEL_PREFIX = "model."
 
 
-def consolidated_state_dict(tag_dir: Path, config: MegaMoEConfig) -> dict[str, torch.Tensor]:
-    """The full, unsharded state dict of the training module saved in ``tag_dir``."""
+class FileBackedTensors:
+    """New tensors whose memory is a file in ``directory``, mapped shared and unlinked at once.
+
+    The consolidation makes new tensors (stacked experts, merged ZeRO-3 partitions, casts to the run's
+    dtype). In heap memory they would add up to the whole model; as shared file mappings the kernel writes
+    their pages out and drops them under memory pressure, as it does the checkpoint's own memory-mapped
+    files, so a checkpoint larger than host memory exports. The files vanish with the last tensor that maps
+    them. ``directory`` must be on a disk (the export's own filesystem), not a tmpfs, where pages are RAM.
+    """
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def empty(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        numel = math.prod(shape)
+        if numel == 0:
+            return torch.empty(shape, dtype=dtype)
+        descriptor, path = tempfile.mkstemp(dir=self.directory, suffix=".tensor")
+        try:
+            os.ftruncate(descriptor, numel * dtype.itemsize)
+            tensor = torch.from_file(path, shared=True, size=numel, dtype=dtype)
+        finally:
+            os.close(descriptor)
+            os.unlink(path)
+        return tensor.view(shape)
+
+    def copy(self, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``tensor`` in ``dtype``, in a file mapping."""
+        out = self.empty(tensor.shape, dtype)
+        out.copy_(tensor)
+        return out
+
+
+class _HeapTensors:
+    """What `FileBackedTensors` does, in ordinary memory: for a model that is used, not exported."""
+
+    def empty(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype)
+
+    def copy(self, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return tensor.to(dtype)
+
+
+def consolidated_state_dict(
+    tag_dir: Path, config: MegaMoEConfig, memory: FileBackedTensors | _HeapTensors
+) -> dict[str, torch.Tensor]:
+    """The full, unsharded state dict of the training module saved in ``tag_dir``, in the dtype the run
+    computed in (bf16 / fp16 runs: the module's weights, not DeepSpeed's fp32 master copy, which rounds to
+    them). Tensors the checkpoint's files hold as they are stay memory-mapped; new ones come from
+    ``memory``, one at a time."""
     topology = read_run_info(tag_dir)["topology"]
+    dtype = _module_dtype(tag_dir)
     if config.backbone is not None and topology["expert_parallel_size"] > 1:
-        return _autoep_state_dict(tag_dir, config.backbone["model_type"])
+        state = _autoep_state_dict(tag_dir, config.backbone["model_type"], memory)
+        return {name: _in_dtype(value, dtype, memory) for name, value in state.items()}
     if topology["zero_stage"] == 3:
-        # ZeRO-3 module states are placeholders; the weights live in the partitioned optimizer shards.
+        # ZeRO-3 module states are placeholders; the weights live in the partitioned optimizer shards, merged
+        # here one parameter at a time (DeepSpeed's lazy mode: memory-mapped shards, one merge in memory).
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        module = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        lazy = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name, lazy_mode=True)
+        module = {name: _in_dtype(value.contiguous(), dtype, memory) for name, value in lazy.items()}
     else:
         states = torch.load(
             tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False, mmap=True
         )
         module = dict(states["module"])
-    # Memory-mapped: the files' pages, not a second copy; only the stacked experts are new memory.
+    # Memory-mapped: the files' pages, not a second copy; only the stacked experts are new memory, `memory`'s.
     for expert_file in sorted(tag_dir.glob("layer_*_expert_*_model_states.pt")):
         module.update(torch.load(expert_file, map_location="cpu", weights_only=True, mmap=True))
-    return unshard_expert_state_dict(module)
+    return unshard_expert_state_dict(module, empty=memory.empty)
 
 
-def _autoep_state_dict(tag_dir: Path, model_type: str) -> dict[str, torch.Tensor]:
+def _model_states_file(tag_dir: Path) -> Path:
+    states_file = tag_dir / "mp_rank_00_model_states.pt"  # ZeRO-1/2; ZeRO-3 writes one per rank
+    return states_file if states_file.is_file() else tag_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+
+
+def _module_dtype(tag_dir: Path) -> torch.dtype:
+    """The dtype the run's module computed in, from the DeepSpeed config saved with its model states."""
+    states = torch.load(_model_states_file(tag_dir), map_location="cpu", weights_only=False, mmap=True)
+    ds_config = states["ds_config"]
+    if ds_config.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    return torch.float16 if ds_config.get("fp16", {}).get("enabled") else torch.float32
+
+
+def _in_dtype(
+    tensor: torch.Tensor, dtype: torch.dtype, memory: FileBackedTensors | _HeapTensors
+) -> torch.Tensor:
+    """Floating-point ``tensor`` in ``dtype`` (new memory only where it differs); others as they are."""
+    if not tensor.is_floating_point() or tensor.dtype == dtype:
+        return tensor
+    return memory.copy(tensor, dtype)
+
+
+def _autoep_state_dict(
+    tag_dir: Path, model_type: str, memory: FileBackedTensors | _HeapTensors
+) -> dict[str, torch.Tensor]:
     """An AutoEP checkpoint through DeepSpeed's own expert-aware consolidation (``ds_to_universal``, which
-    ``zero_to_fp32`` defers to for AutoEP), with AutoEP's names mapped back to the HF backbone's."""
-    with tempfile.TemporaryDirectory(prefix="megamoe-universal-") as universal:
+    ``zero_to_fp32`` defers to for AutoEP), with AutoEP's names mapped back to the HF backbone's. Its fp32
+    files are written beside ``memory``'s (on the export's disk) and memory-mapped."""
+    scratch = memory.directory if isinstance(memory, FileBackedTensors) else None
+    with tempfile.TemporaryDirectory(prefix="megamoe-universal-", dir=scratch) as universal:
         command = [
             sys.executable,
             "-m",
@@ -65,10 +148,7 @@ def _autoep_state_dict(tag_dir: Path, model_type: str) -> dict[str, torch.Tensor
             fp32 = torch.load(param_dir / "fp32.pt", map_location="cpu", weights_only=False, mmap=True)
             state[param_dir.name] = fp32["param"] if isinstance(fp32, dict) else fp32
     # Non-expert parameters come back flat; the model states know their shapes, and hold the buffers.
-    states_file = tag_dir / "mp_rank_00_model_states.pt"  # ZeRO-1/2; ZeRO-3 writes one per rank
-    if not states_file.is_file():
-        states_file = tag_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt"
-    model_states = torch.load(states_file, map_location="cpu", weights_only=False)
+    model_states = torch.load(_model_states_file(tag_dir), map_location="cpu", weights_only=False, mmap=True)
     shapes = {name: shape for group in model_states["param_shapes"] for name, shape in group.items()}
     for name, value in state.items():
         if value.dim() == 1 and name in shapes and len(shapes[name]) > 1:
@@ -78,8 +158,13 @@ def _autoep_state_dict(tag_dir: Path, model_type: str) -> dict[str, torch.Tensor
     return hf_state_dict(state, model_type)
 
 
-def load_checkpoint_model(path: str | Path) -> MegaMoEForMultiTask:
-    """The MegaMoE model in a checkpoint (a run directory, its checkpoints/, or a step directory)."""
+def load_checkpoint_model(path: str | Path, *, scratch_dir: Path | None = None) -> MegaMoEForMultiTask:
+    """The MegaMoE model in a checkpoint (a run directory, its checkpoints/, or a step directory).
+
+    With ``scratch_dir`` (on a disk), every tensor is a file mapping, the checkpoint's or one made there by
+    `FileBackedTensors`: what an export of a model larger than host memory needs; without, new tensors are
+    ordinary memory.
+    """
     tag_dir = resolve_checkpoint(path)
     hf_dir = tag_dir / "hf"
     if not (hf_dir / "config.json").is_file():
@@ -90,9 +175,10 @@ def load_checkpoint_model(path: str | Path) -> MegaMoEForMultiTask:
     # are in no state dict.
     with init_empty_weights(include_buffers=False):
         model = MegaMoEForMultiTask(config)
+    memory = FileBackedTensors(scratch_dir) if scratch_dir is not None else _HeapTensors()
     state = {
         key.removeprefix(_MODEL_PREFIX): value
-        for key, value in consolidated_state_dict(tag_dir, config).items()
+        for key, value in consolidated_state_dict(tag_dir, config, memory).items()
         if key.startswith(_MODEL_PREFIX)
     }
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
@@ -103,15 +189,27 @@ def load_checkpoint_model(path: str | Path) -> MegaMoEForMultiTask:
     return model
 
 
-def export_checkpoint(path: str | Path, out_dir: str | Path, *, max_shard_size: str | int = "5GB") -> Path:
-    """Write the checkpoint at ``path`` as an HF model directory (safetensors, config, tokenizer, remote code).
+def export_weights(path: str | Path, out_dir: str | Path, *, max_shard_size: str | int = "5GB") -> Path:
+    """Write the model in the checkpoint at ``path`` as an HF model directory: safetensors, config and
+    remote code.
 
     Weights above ``max_shard_size`` are split into safetensors shards with HF's index file, as the Hub's
-    published large models are (5 GB each by default).
+    published large models are (5 GB each by default), in the dtype the run computed in. The consolidated
+    weights are file mappings in a scratch directory inside ``out_dir`` (removed after): about one shard is
+    in memory at a time, whatever the model's size.
     """
     tag_dir = resolve_checkpoint(path)
-    model = load_checkpoint_model(tag_dir)
     out_dir = Path(out_dir)
-    model.save_pretrained(out_dir, max_shard_size=max_shard_size)
-    AutoTokenizer.from_pretrained(tag_dir / "hf").save_pretrained(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".consolidating-", dir=out_dir) as scratch:
+        model = load_checkpoint_model(tag_dir, scratch_dir=Path(scratch))
+        model.save_pretrained(out_dir, max_shard_size=max_shard_size)
+        del model
     return out_dir
+
+
+def export_checkpoint(path: str | Path, out_dir: str | Path, *, max_shard_size: str | int = "5GB") -> Path:
+    """`export_weights`, and the run's tokenizer beside them: the directory `megamoe export` writes."""
+    out = export_weights(path, out_dir, max_shard_size=max_shard_size)
+    AutoTokenizer.from_pretrained(resolve_checkpoint(path) / "hf").save_pretrained(out)
+    return out

@@ -23,6 +23,8 @@ R = rows this rank receives):
   4. the reverse all-to-all brings the outputs home, in the order they left.
 """
 
+from collections.abc import Callable, Sequence
+
 import torch
 from deepspeed import comm as dist
 from deepspeed.module_inject.auto_ep_layer import _AllToAllV
@@ -147,9 +149,13 @@ def shard_experts(model: nn.Module, ep_size: int) -> int:
     return len(layers)
 
 
-def unshard_expert_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def unshard_expert_state_dict(
+    state_dict: dict[str, torch.Tensor],
+    empty: Callable[[Sequence[int], torch.dtype], torch.Tensor],
+) -> dict[str, torch.Tensor]:
     """Map per-expert keys (``<layer>.experts.deepspeed_moe.experts.deepspeed_experts.<g>.<w>`` holding
-    ``[1, ...]`` slices, global ids ``g``) back to the stacked ``<layer>.experts.<w>`` of the unsharded model."""
+    ``[1, ...]`` slices, global ids ``g``) back to the stacked ``<layer>.experts.<w>`` of the unsharded model,
+    each stacked into a tensor from ``empty(shape, dtype)``."""
     marker = ".deepspeed_moe.experts.deepspeed_experts."
     stacked: dict[str, dict[int, torch.Tensor]] = {}
     merged: dict[str, torch.Tensor] = {}
@@ -164,5 +170,7 @@ def unshard_expert_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, 
         ids = sorted(by_id)
         if ids != list(range(len(ids))):
             raise ValueError(f"{key}: experts {ids} found, expected 0..{len(ids) - 1}; is a shard missing?")
-        merged[key] = torch.cat([by_id[i] for i in ids])
+        parts = [by_id[i] for i in ids]
+        stacked_shape = (sum(part.shape[0] for part in parts), *parts[0].shape[1:])
+        merged[key] = torch.cat(parts, out=empty(stacked_shape, parts[0].dtype))
     return merged

