@@ -4,6 +4,7 @@ metrics."""
 
 from collections.abc import Sequence
 from pathlib import Path
+from statistics import mean
 from typing import Any
 
 import torch
@@ -26,8 +27,10 @@ class RunLogger:
         tokens_per_s: float,
         router_stats: Sequence[Any] | None = None,
     ) -> None:
-        """Scalars of one optimizer step (its micro-batches' ``StepRecord``s); the expert load of the last
-        micro-batch as one histogram per MoE layer (tokens over expert ids: flat = balanced)."""
+        """Scalars of the micro-batches since the last log (their ``StepRecord``s): losses, load imbalance
+        and each task's loss as means over them (a task's over its own micro-batches: every one counts, not
+        only the last step's), dropped assignments summed; the expert load of the last micro-batch as one
+        histogram per MoE layer (tokens over expert ids: flat = balanced)."""
         if self.writer is None:
             return
         for layer, stats in enumerate(router_stats or []):
@@ -38,19 +41,20 @@ class RunLogger:
             )
         last = records[-1]
         scalars: dict[str, float] = {
-            "train/loss": last.loss,
-            "train/aux_loss": last.aux_loss,
-            "train/z_loss": last.z_loss,
+            "train/loss": mean(r.loss for r in records),
+            "train/aux_loss": mean(r.aux_loss for r in records),
+            "train/z_loss": mean(r.z_loss for r in records),
             "train/lr": last.lr,
             "train/tokens_per_s": tokens_per_s,
             "train/dropped_tokens": float(sum(r.dropped_tokens for r in records)),
         }
-        for record in records:
-            scalars[f"task_loss/{record.task}"] = record.task_loss
-        for task, weight in last.task_weights.items():
+        for task in sorted({r.task for r in records}):
+            scalars[f"task_loss/{task}"] = mean(r.task_loss for r in records if r.task == task)
+        weighted = [r for r in records if r.task_weights]
+        for task, weight in (weighted[-1].task_weights if weighted else {}).items():
             scalars[f"task_weight/{task}"] = weight
-        for layer, imbalance in enumerate(last.load_imbalance):
-            scalars[f"expert_load_imbalance/moe_layer_{layer}"] = imbalance
+        for layer, imbalances in enumerate(zip(*(r.load_imbalance for r in records), strict=True)):
+            scalars[f"expert_load_imbalance/moe_layer_{layer}"] = mean(imbalances)
         for name, value in scalars.items():
             self.writer.add_scalar(name, value, step)
 

@@ -1,10 +1,17 @@
-"""The training loop: steps, evaluation and checkpoint cadence, logging. It never sees DeepSpeed."""
+"""The training loop: steps, evaluation and checkpoint cadence, logging. It never sees DeepSpeed.
+
+Nothing is read from the device between logging intervals: each micro-batch's losses and router statistics
+stay device tensors (one small vector per micro-batch) until the next ``log_every`` step, or a checkpoint,
+reads all of them at once, as OLMo-core's ``metrics_collect_interval`` does. On a GPU a ``float(loss)``
+per micro-batch would wait for the device every step and keep the host from queueing the next one.
+"""
 
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
+import torch
 from tqdm.auto import tqdm
 
 from .run_logger import RunLogger
@@ -30,19 +37,39 @@ class StepRecord:
     lr: float
     tokens: int
     task_weights: dict[str, float] = field(default_factory=dict)
+    """The loss weights when the record was read from the device: on the last micro-batch of each logging
+    interval (reading them is a device read too), ``{}`` on the others."""
     load_imbalance: list[float] = field(default_factory=list)
     """Per MoE layer: max / mean tokens per expert on this rank (1 = perfectly balanced)."""
     dropped_tokens: int = 0
     """(token, slot) assignments dropped at capacity, all layers (0 when dropless)."""
 
 
-def _router_summary(output: Any) -> tuple[list[float], int]:
+@dataclass
+class _PendingRecord:
+    """A micro-batch's `StepRecord` whose numbers are still on the device, in ``values``: loss, task loss,
+    aux loss, z-loss, dropped assignments, then each MoE layer's load imbalance."""
+
+    step: int
+    task: str
+    lr: float
+    tokens: int
+    values: torch.Tensor
+
+
+def _device_values(output: Any) -> torch.Tensor:
+    """`_PendingRecord.values` of a forward output, computed on its device without reading anything back."""
+    losses = [output.loss, output.task_loss, output.aux_loss, output.z_loss]
+    scalars = [value.detach().float().reshape(()) for value in losses]
     stats = output.router_stats or []
+    dropped = sum(
+        (layer.dropped_tokens.float() for layer in stats), torch.zeros((), device=scalars[0].device)
+    )
     imbalance = []
     for layer in stats:
         counts = layer.tokens_per_expert.detach().float()
-        imbalance.append(float(counts.max() / counts.mean().clamp(min=1e-9)))
-    return imbalance, int(sum(int(layer.dropped_tokens) for layer in stats))
+        imbalance.append(counts.max() / counts.mean().clamp(min=1e-9))
+    return torch.stack([*scalars, dropped.reshape(()), *imbalance])
 
 
 class Trainer:
@@ -57,7 +84,9 @@ class Trainer:
         evaluate: called every ``eval_every`` steps (and never when 0); returns metrics to record.
         task_weights: returns the current loss weights, for logging.
         on_step_end: called after every optimizer step with its number (checkpointing).
-        logger: where scalars go every ``log_every`` steps (TensorBoard, rank 0).
+        logger: where scalars go every ``log_every`` steps (TensorBoard, rank 0): the means over every
+            micro-batch since the last log, per task over that task's micro-batches.
+        log_every: steps between reads of the device's numbers (logging, the progress bar's loss).
         show_progress: draw a progress bar (rank 0 only).
     """
 
@@ -90,8 +119,12 @@ class Trainer:
         self.step = 0
         self.history: list[StepRecord] = []
         self.evaluations: list[dict[str, Any]] = []
+        self._pending: list[_PendingRecord] = []
+        self._logged = 0  # records of `history` already logged
+        self._last_router_stats: Any = None
 
     def state_dict(self) -> dict[str, Any]:
+        self._read_pending()  # a checkpoint holds every step's record
         return {
             "step": self.step,
             "history": [asdict(r) for r in self.history],
@@ -101,6 +134,7 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = state["step"]
         self.history = [StepRecord(**r) for r in state["history"]]
+        self._logged = len(self.history)
         self.evaluations = list(state["evaluations"])
 
     def fit(self) -> list[StepRecord]:
@@ -114,17 +148,11 @@ class Trainer:
         start, tokens = time.perf_counter(), 0
         while self.step < self.max_steps:
             self.step += 1
-            micro_steps = [self._micro_step(self.step) for _ in range(self.grad_accum)]
-            step_records = [record for record, _ in micro_steps]
-            tokens += sum(r.tokens for r in step_records)
-            tokens_per_s = tokens / (time.perf_counter() - start)
-            record = step_records[-1]
+            for _ in range(self.grad_accum):
+                tokens += self._micro_step(self.step)
             progress.update(1)
-            progress.set_postfix(
-                task=record.task, loss=f"{record.task_loss:.3f}", tok_s=f"{tokens_per_s:.0f}"
-            )
-            if self.logger is not None and self._due(self.log_every):
-                self.logger.log_step(self.step, step_records, tokens_per_s, micro_steps[-1][1].router_stats)
+            if self._due(self.log_every) or self.step == self.max_steps:
+                self._log(progress, tokens / (time.perf_counter() - start))
             # The last step's evaluation is the caller's final one.
             if self.evaluate is not None and self._due(self.eval_every) and self.step < self.max_steps:
                 evaluation = {"step": self.step, **self.evaluate(self.step)}
@@ -139,22 +167,50 @@ class Trainer:
     def _due(self, every: int) -> bool:
         return every > 0 and self.step % every == 0
 
-    def _micro_step(self, step: int) -> tuple[StepRecord, Any]:
+    def _micro_step(self, step: int) -> int:
+        """One micro-batch, queued on the device; returns its real (attention-mask) tokens."""
         batch = next(self.batches)
+        tokens = int(batch["attention_mask"].sum())  # the host's copy of the batch: no device read
         output = self.engine.train_step(batch)
-        imbalance, dropped = _router_summary(output)
-        record = StepRecord(
-            step=step,
-            task=batch["task"],
-            loss=float(output.loss.detach()),
-            task_loss=float(output.task_loss.detach()),
-            aux_loss=float(output.aux_loss.detach()),
-            z_loss=float(output.z_loss.detach()),
-            lr=self.engine.lr,
-            tokens=int(batch["attention_mask"].sum()),
-            task_weights=self.task_weights() if self.task_weights else {},
-            load_imbalance=imbalance,
-            dropped_tokens=dropped,
+        self._pending.append(
+            _PendingRecord(step, batch["task"], self.engine.lr, tokens, _device_values(output))
         )
-        self.history.append(record)
-        return record, output
+        self._last_router_stats = output.router_stats
+        return tokens
+
+    def _read_pending(self) -> None:
+        """The queued micro-batches' numbers, read from the device at once, into `history`. The loss weights
+        are read then too, onto the last record (others keep ``{}``)."""
+        if not self._pending:
+            return
+        rows = torch.stack([pending.values for pending in self._pending]).cpu().tolist()
+        for pending, row in zip(self._pending, rows, strict=True):
+            loss, task_loss, aux_loss, z_loss, dropped, *imbalance = row
+            self.history.append(
+                StepRecord(
+                    step=pending.step,
+                    task=pending.task,
+                    loss=loss,
+                    task_loss=task_loss,
+                    aux_loss=aux_loss,
+                    z_loss=z_loss,
+                    lr=pending.lr,
+                    tokens=pending.tokens,
+                    load_imbalance=imbalance,
+                    dropped_tokens=round(dropped),
+                )
+            )
+        self.history[-1].task_weights = self.task_weights() if self.task_weights else {}
+        self._pending.clear()
+
+    def _log(self, progress: Any, tokens_per_s: float) -> None:
+        self._read_pending()
+        window = self.history[self._logged :]
+        self._logged = len(self.history)
+        if not window:
+            return
+        progress.set_postfix(
+            task=window[-1].task, loss=f"{window[-1].task_loss:.3f}", tok_s=f"{tokens_per_s:.0f}"
+        )
+        if self.logger is not None:
+            self.logger.log_step(self.step, window, tokens_per_s, self._last_router_stats)

@@ -3,6 +3,7 @@
 import itertools
 import json
 import re
+from typing import ClassVar
 
 import pytest
 import torch
@@ -173,35 +174,137 @@ def test_accelerate_launch_settings_are_honoured_or_refused(monkeypatch, tmp_pat
         check_topology(TrainSection(), ParallelSection(zero_stage=2), world_size=1, model=model_shape(8))
 
 
-def test_run_logger_writes_scalars_and_expert_load_histograms(tmp_path):
+def test_run_logger_writes_means_over_the_interval_and_expert_load_histograms(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from megamoe.engine.run_logger import RunLogger
     from megamoe.engine.trainer import StepRecord
     from megamoe.model import RouterStats
 
-    record = StepRecord(
-        step=1,
-        task="ner",
-        loss=1.0,
-        task_loss=0.9,
-        aux_loss=0.1,
-        z_loss=0.0,
-        lr=1e-4,
-        tokens=10,
-        task_weights={"ner": 1.0},
-        load_imbalance=[1.5],
-    )
+    def record(step, task, task_loss, imbalance, task_weights=None):
+        return StepRecord(
+            step=step,
+            task=task,
+            loss=task_loss + 0.1,
+            task_loss=task_loss,
+            aux_loss=0.1,
+            z_loss=0.0,
+            lr=1e-4 * step,
+            tokens=10,
+            task_weights=task_weights or {},
+            load_imbalance=[imbalance],
+            dropped_tokens=step,
+        )
+
+    # Three steps since the last log: the topic step in the middle counts, not only the last step's task.
+    records = [
+        record(1, "ner", 0.9, 1.5),
+        record(2, "topic", 2.0, 1.0),
+        record(3, "ner", 0.5, 2.0, {"ner": 0.7}),
+    ]
     zero = torch.tensor(0.0)
     stats = RouterStats(0, zero, zero, torch.tensor([3, 0, 1, 0]), torch.tensor(0))
     logger = RunLogger(tmp_path, enabled=True)
-    logger.log_step(1, [record], tokens_per_s=123.0, router_stats=[stats])
+    logger.log_step(3, records, tokens_per_s=123.0, router_stats=[stats])
     logger.close()
-    RunLogger(tmp_path / "off", enabled=False).log_step(1, [record], 1.0)  # rank != 0: nothing
+    RunLogger(tmp_path / "off", enabled=False).log_step(1, records, 1.0)  # rank != 0: nothing
     events = EventAccumulator(str(tmp_path))
     events.Reload()
-    assert events.Scalars("task_loss/ner")[0].value == pytest.approx(0.9)
-    assert events.Scalars("expert_load_imbalance/moe_layer_0")[0].value == pytest.approx(1.5)
+    scalar = {tag: events.Scalars(tag)[0].value for tag in events.Tags()["scalars"]}
+    assert scalar["task_loss/ner"] == pytest.approx(0.7) and scalar["task_loss/topic"] == pytest.approx(2.0)
+    assert scalar["train/loss"] == pytest.approx((1.0 + 2.1 + 0.6) / 3)
+    assert scalar["expert_load_imbalance/moe_layer_0"] == pytest.approx(1.5)
+    assert scalar["train/dropped_tokens"] == 6 and scalar["train/lr"] == pytest.approx(3e-4)
+    assert scalar["task_weight/ner"] == pytest.approx(0.7)
     histogram = events.Histograms("expert_load/moe_layer_0")[0].histogram_value
     assert (histogram.num, histogram.min, histogram.max) == (4, 0, 2), "3 tokens on expert 0, 1 on expert 2"
     assert not (tmp_path / "off").exists()
+
+
+class DeviceReads(torch.Tensor):
+    """A tensor that counts reads of its values to the host (what waits for a GPU), and passes the count on
+    to every tensor computed from it."""
+
+    reads: ClassVar[list[str]] = []
+    READS: ClassVar[set[str]] = {"item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__"}
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", None) in cls.READS:
+            cls.reads.append(func.__name__)
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_the_trainer_reads_the_device_once_per_logging_interval_and_records_every_micro_batch():
+    from types import SimpleNamespace
+
+    from megamoe.engine.trainer import StepRecord
+    from megamoe.model import RouterStats
+
+    def on_device(value):
+        return torch.tensor(value).as_subclass(DeviceReads)
+
+    class Engine:
+        lr = 0.5
+        calls = 0
+
+        def train_step(self, batch):
+            self.calls += 1
+            loss = float(self.calls)
+            stats = RouterStats(
+                0, on_device(0.0), on_device(0.0), on_device([3, 1]), on_device(self.calls % 2)
+            )
+            return SimpleNamespace(
+                loss=on_device(loss),
+                task_loss=on_device(loss - 0.5),
+                aux_loss=on_device(0.25),
+                z_loss=on_device(0.125),
+                router_stats=[stats],
+            )
+
+    batches = (
+        {"task": "ner" if i % 3 else "topic", "attention_mask": torch.ones(2, 3)} for i in itertools.count()
+    )
+    reads_by_step = {}
+
+    def on_step_end(step):
+        reads_by_step[step] = len(DeviceReads.reads)
+        DeviceReads.reads.clear()
+
+    DeviceReads.reads.clear()
+    trainer = Trainer(
+        Engine(),
+        batches,
+        max_steps=7,
+        grad_accum=2,
+        log_every=3,
+        task_weights=lambda: {"ner": 1.0},
+        on_step_end=on_step_end,
+        show_progress=False,
+    )
+    history = trainer.fit()
+    assert [step for step, reads in reads_by_step.items() if reads] == [3, 6, 7], reads_by_step
+    assert max(reads_by_step.values()) <= 2, "one transfer (and its tolist) per interval"
+    assert len(history) == 14 and [r.step for r in history] == [1 + i // 2 for i in range(14)]
+    assert history[4] == StepRecord(
+        step=3,
+        task="ner",
+        loss=5.0,
+        task_loss=4.5,
+        aux_loss=0.25,
+        z_loss=0.125,
+        lr=0.5,
+        tokens=6,
+        load_imbalance=[1.5],
+        dropped_tokens=1,
+    )
+    assert history[5].task_weights == {"ner": 1.0}, "the loss weights, read with the interval's numbers"
+
+
+def test_a_checkpoint_between_logs_holds_every_micro_batch_record():
+    engine = Engine(MegaMoEForMultiTask(tiny_config()), deepspeed_config(TrainSection(max_steps=4)))
+    trainer = Trainer(engine, synthetic_batches(), max_steps=3, log_every=10, show_progress=False)
+    trainer.fit()
+    state = trainer.state_dict()
+    assert [r["step"] for r in state["history"]] == [1, 2, 3]
+    assert all(isinstance(r["loss"], float) and r["loss"] > 0 for r in state["history"])
