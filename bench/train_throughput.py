@@ -3,8 +3,9 @@
     python bench/train_throughput.py OUT.json CONFIG.yaml [overrides ...]
 
 runs ``megamoe train CONFIG.yaml overrides...`` in this process (one rank, no launcher) and records, per
-optimizer step, the wall time at its end (the trainer reads the loss with ``float()``, which waits for the
-GPU), the padded micro-batch shape and the real (attention-mask) tokens. It also counts which expert path
+optimizer step, the wall time at its end (after ``torch.cuda.synchronize()``: the trainer itself reads the
+device only every ``logging.every_steps``, so the bench waits for the GPU to time each step), the padded
+micro-batch shape and the real (attention-mask) tokens. It also counts which expert path
 (``F.grouped_mm`` or the per-expert loop) ran. From a steady-state window (``--skip`` first steps left out)
 it reports step time, tokens/s and model FLOP utilization:
 
@@ -53,14 +54,14 @@ def instrument(profile: tuple[int, int] | None = None, profile_out: Path | None 
     def timed_micro_step(self, step):
         if profile and step in (profile[0], profile[0] + profile[1]):
             start_profiler(step == profile[0])
+        tokens = micro_step(self, step)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         if profile and step in (profile[0] + profile[1] - 1, profile[0] + 2 * profile[1] - 1):
-            record, output = micro_step(self, step)
             stop_profiler(step == profile[0] + profile[1] - 1)
-        else:
-            record, output = micro_step(self, step)
         log["step_end"].append(time.perf_counter())
-        log["tokens"].append(record.tokens)
-        return record, output
+        log["tokens"].append(tokens)
+        return tokens
 
     # --profile START:COUNT: cProfile (host Python) over steps START.., then torch.profiler (CPU ops + CUDA
     # kernels) over the next COUNT steps; tables go to PROFILE_OUT. Those steps' timings are perturbed.
