@@ -2,17 +2,19 @@
 
     python bench/train_throughput.py OUT.json CONFIG.yaml [overrides ...]
 
-runs ``megamoe train CONFIG.yaml overrides...`` in this process (one rank, no launcher) and records, per
-optimizer step, the wall time at its end (after ``torch.cuda.synchronize()``: the trainer itself reads the
-device only every ``logging.every_steps``, so the bench waits for the GPU to time each step), the padded
-micro-batch shape and the real (attention-mask) tokens. It also counts which expert path
+runs ``megamoe train CONFIG.yaml overrides...`` in this process (one rank, no launcher), with a trainer
+callback (`StepTimer`) that records, per micro-batch, the wall time at its end (after
+``torch.cuda.synchronize()``: the trainer itself reads the device only every ``logging.every_steps``, so the
+bench waits for the GPU to time each step), the padded micro-batch shape and the real (attention-mask)
+tokens. It also counts which expert path
 (``F.grouped_mm`` or the per-expert loop) ran. From a steady-state window (``--skip`` first steps left out)
 it reports step time, tokens/s and model FLOP utilization:
 
     FLOPs per padded token = 6 * (active params - embedding params) + 12 * layers * seq_len * hidden
 
 (6N: forward + backward of every matmul weight a token uses; 12·L·s·h: QK^T and AV, forward + backward,
-s = the micro-batch's padded length). Nothing in the trainer or the model is changed.
+s = the micro-batch's padded length). Nothing in the trainer or the model is changed; the expert-path count
+wraps `moe_experts._grouped_mm_supported`.
 """
 
 import argparse
@@ -23,104 +25,104 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
-from megamoe.cli import main as megamoe_main
-from megamoe.engine import trainer as trainer_module
+from megamoe.config import load_config
+from megamoe.engine.callbacks import TrainerCallback
 from megamoe.model import moe_experts
+from megamoe.train import run as train
 
 PEAKS_TFLOPS = {"H100 SXM bf16 dense spec": 989.0, "8192^3 bf16 matmul measured on the device": 798.0}
 
 
-def instrument(profile: tuple[int, int] | None = None, profile_out: Path | None = None) -> dict:
-    log: dict = {"step_end": [], "shapes": [], "tokens": [], "expert_path": {"grouped_mm": 0, "loop": 0}}
-    fit, micro_step, supported = (
-        trainer_module.Trainer.fit,
-        trainer_module.Trainer._micro_step,
-        moe_experts._grouped_mm_supported,
-    )
+class StepTimer(TrainerCallback):
+    """Records every micro-batch's end time (after the device finished it), padded shape and real tokens.
 
-    def timed_fit(self):
-        inner = self.batches
+    ``profile=(START, COUNT)``: cProfile (host Python) over steps START.., then torch.profiler (CPU ops +
+    CUDA kernels) over the next COUNT steps (START >= 2: each profiler starts when the step before its
+    first ends); tables go to ``profile_out``. Those steps' timings are perturbed.
+    """
 
-        def recorded():
-            for batch in inner:
-                log["shapes"].append(list(batch["input_ids"].shape))
-                yield batch
+    def __init__(self, profile: tuple[int, int] | None = None, profile_out: Path | None = None):
+        self.log: dict = {
+            "step_end": [],
+            "shapes": [],
+            "tokens": [],
+            "expert_path": {"grouped_mm": 0, "loop": 0},
+        }
+        self.profile = profile
+        self.profile_out = profile_out
+        self.profilers: dict = {}
 
-        self.batches = recorded()
-        log["fit_start"] = time.perf_counter()
-        return fit(self)
+    def on_fit_start(self, trainer) -> None:
+        self.log["fit_start"] = time.perf_counter()
 
-    def timed_micro_step(self, step):
-        if profile and step in (profile[0], profile[0] + profile[1]):
-            start_profiler(step == profile[0])
-        tokens = micro_step(self, step)
+    def on_micro_batch_end(self, trainer, batch) -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        if profile and step in (profile[0] + profile[1] - 1, profile[0] + 2 * profile[1] - 1):
-            stop_profiler(step == profile[0] + profile[1] - 1)
-        log["step_end"].append(time.perf_counter())
-        log["tokens"].append(tokens)
-        return tokens
+        self.log["step_end"].append(time.perf_counter())
+        self.log["shapes"].append(list(batch["input_ids"].shape))
+        self.log["tokens"].append(int(batch["attention_mask"].sum()))
+        if self.profile:
+            start, count = self.profile
+            if trainer.step in (start + count - 1, start + 2 * count - 1):
+                self.stop_profiler(python=trainer.step == start + count - 1)
+            if trainer.step in (start - 1, start + count - 1):
+                self.start_profiler(python=trainer.step == start - 1)
 
-    # --profile START:COUNT: cProfile (host Python) over steps START.., then torch.profiler (CPU ops + CUDA
-    # kernels) over the next COUNT steps; tables go to PROFILE_OUT. Those steps' timings are perturbed.
-    profilers: dict = {}
-
-    def start_profiler(python: bool):
+    def start_profiler(self, python: bool) -> None:
         if python:
             import cProfile
 
-            profilers["py"] = cProfile.Profile()
-            profilers["py"].enable()
+            self.profilers["py"] = cProfile.Profile()
+            self.profilers["py"].enable()
         else:
             from torch.profiler import ProfilerActivity
             from torch.profiler import profile as torch_profile
 
-            profilers["torch"] = torch_profile(
+            self.profilers["torch"] = torch_profile(
                 activities=[ProfilerActivity.CPU]
                 + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
             )
-            profilers["torch"].__enter__()
-            profilers["torch_t0"] = time.perf_counter()
+            self.profilers["torch"].__enter__()
+            self.profilers["torch_t0"] = time.perf_counter()
 
-    def stop_profiler(python: bool):
+    def stop_profiler(self, python: bool) -> None:
         import io
         import pstats
 
-        assert profile is not None and profile_out is not None
-        with open(profile_out, "a") as out:
+        assert self.profile is not None and self.profile_out is not None
+        start, count = self.profile
+        with open(self.profile_out, "a") as out:
             if python:
-                profilers["py"].disable()
+                self.profilers["py"].disable()
                 stream = io.StringIO()
-                pstats.Stats(profilers["py"], stream=stream).sort_stats("cumulative").print_stats(45)
-                out.write(
-                    f"### cProfile, steps {profile[0]}..{profile[0] + profile[1] - 1}\n{stream.getvalue()}\n"
-                )
+                pstats.Stats(self.profilers["py"], stream=stream).sort_stats("cumulative").print_stats(45)
+                out.write(f"### cProfile, steps {start}..{start + count - 1}\n{stream.getvalue()}\n")
             else:
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                wall_us = 1e6 * (time.perf_counter() - profilers["torch_t0"])
-                prof = profilers["torch"]
+                wall_us = 1e6 * (time.perf_counter() - self.profilers["torch_t0"])
+                prof = self.profilers["torch"]
                 prof.__exit__(None, None, None)
                 events = prof.key_averages()
                 kernel_us = sum(e.self_device_time_total for e in events)
                 out.write(
-                    f"### torch.profiler, {profile[1]} steps: wall {wall_us / 1e3:.1f} ms, GPU self time "
+                    f"### torch.profiler, {count} steps: wall {wall_us / 1e3:.1f} ms, GPU self time "
                     f"{kernel_us / 1e3:.1f} ms ({100 * kernel_us / wall_us:.1f}% busy)\n"
                 )
                 out.write(events.table(sort_by="self_cpu_time_total", row_limit=30) + "\n")
                 out.write(events.table(sort_by="self_device_time_total", row_limit=20) + "\n")
+
+
+def count_expert_paths(log: dict) -> None:
+    """Count which expert path (``F.grouped_mm`` or the per-expert loop) each MoE layer call took."""
+    supported = moe_experts._grouped_mm_supported
 
     def counted_supported(x, weight):
         ok = supported(x, weight)
         log["expert_path"]["grouped_mm" if ok else "loop"] += 1
         return ok
 
-    trainer_module.Trainer.fit = timed_fit
-    trainer_module.Trainer._micro_step = timed_micro_step
     moe_experts._grouped_mm_supported = counted_supported
-    return log
 
 
 def model_sizes(model_dir: Path) -> dict:
@@ -172,21 +174,18 @@ def run() -> int:
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--skip", type=int, default=50, help="warm-up steps left out of the summary")
-    parser.add_argument("--profile", help="START:COUNT: profile COUNT steps from START (see instrument)")
+    parser.add_argument("--profile", help="START:COUNT: profile COUNT steps from START (see StepTimer)")
     args = parser.parse_args()
     profile = tuple(int(x) for x in args.profile.split(":")) if args.profile else None
-    log = instrument(profile, Path(args.out).with_suffix(".profile.txt"))
+    timer = StepTimer(profile, Path(args.out).with_suffix(".profile.txt"))
+    log = timer.log
+    count_expert_paths(log)
     started = time.perf_counter()
-    code = megamoe_main(["train", args.config, *args.overrides])
+    result = train(load_config(args.config, args.overrides), callbacks=[timer])
     wall = time.perf_counter() - started
-    if code:
-        return code
-    run_dir = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("run_dir=")), None)
-    if run_dir is None:
-        import yaml
-
-        run_dir = yaml.safe_load(Path(args.config).read_text())["run_dir"]
-    sizes = model_sizes(Path(run_dir) / "model")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sizes = model_sizes(Path(result.run_dir) / "model")
     summary = {
         "command": sys.argv,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",

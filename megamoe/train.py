@@ -7,6 +7,7 @@ once, on local rank 0, while the others wait.
 """
 
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from .data.collate import MultiTaskCollator
 from .data.pipeline import prepare_task_data
 from .data.sampling import build_batches
 from .data.tokenization import load_tokenizer
+from .engine.callbacks import CheckpointCallback, EvaluationCallback, LoggerCallback, TrainerCallback
 from .engine.deepspeed_engine import (
     Engine,
     check_topology,
@@ -68,10 +70,27 @@ def check_checkpoint_tasks(tag_dir: Path, tasks: dict[str, dict[str, Any]]) -> N
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+class _FirstStepMemoryLine(TrainerCallback):
+    """``memory: first step, ...`` once the first optimizer step is done (rank 0)."""
+
+    def __init__(self) -> None:
+        self.reported = False
+
+    def on_step_end(self, trainer: Trainer, step: int) -> None:
+        if not self.reported:
+            print(memory_line("first step"), flush=True)
+            self.reported = True
+
+
 def run(
-    config: ExperimentConfig, *, resume: str | Path | None = None, show_progress: bool = True
+    config: ExperimentConfig,
+    *,
+    resume: str | Path | None = None,
+    show_progress: bool = True,
+    callbacks: Sequence[TrainerCallback] = (),
 ) -> RunResult:
-    """Train, evaluate and export; ``resume`` is a checkpoint path (a run directory resumes its latest)."""
+    """Train, evaluate and export; ``resume`` is a checkpoint path (a run directory resumes its latest).
+    ``callbacks`` run after the run's own (logging, evaluation, memory report, checkpoints)."""
     run_dir = Path(config.run_dir)
     if resume is not None:  # a missing checkpoint is an error now, not after the model is built
         resume = resolve_checkpoint(resume)
@@ -164,27 +183,20 @@ def run(
         model.config.save_pretrained(directory)
         tokenizer.save_pretrained(directory)
 
-    first_step_reported = False
-
-    def on_step_end(step: int) -> None:
-        nonlocal first_step_reported
-        if rank == 0 and not first_step_reported:
-            print(memory_line("first step"), flush=True)
-            first_step_reported = True
-        if config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0:
-            checkpointer.save(step)
-
     logger = RunLogger(run_dir / "tensorboard", enabled=rank == 0, tensorboard=config.logging.tensorboard)
     trainer = Trainer(
         engine,
         batches,
         max_steps=config.train.max_steps,
         grad_accum=config.train.gradient_accumulation_steps,
-        evaluate=validate,
-        eval_every=config.train.eval_every,
         task_weights=objective.weighting.current_weights,
-        on_step_end=on_step_end,
-        logger=logger,
+        callbacks=[
+            LoggerCallback(logger),
+            EvaluationCallback(validate, config.train.eval_every, logger),
+            *([_FirstStepMemoryLine()] if rank == 0 else []),
+            CheckpointCallback(lambda step: checkpointer.save(step), config.checkpoint.every_steps),
+            *callbacks,
+        ],
         log_every=config.logging.every_steps,
         show_progress=show_progress and rank == 0,
     )

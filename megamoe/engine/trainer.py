@@ -1,4 +1,5 @@
-"""The training loop: steps, evaluation and checkpoint cadence, logging. It never sees DeepSpeed.
+"""The training loop: micro-batches and optimizer steps; logging, evaluation and checkpoints are callbacks
+(`megamoe.engine.callbacks`). It never sees DeepSpeed.
 
 Nothing is read from the device between logging intervals: each micro-batch's losses and router statistics
 stay device tensors (one small vector per micro-batch) until the next ``log_every`` step, or a checkpoint,
@@ -7,14 +8,14 @@ per micro-batch would wait for the device every step and keep the host from queu
 """
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
 
-from .run_logger import RunLogger
+from .callbacks import TrainerCallback
 
 
 class TrainEngine(Protocol):
@@ -81,12 +82,10 @@ class Trainer:
             task sequence on every rank.
         max_steps: optimizer steps.
         grad_accum: micro-batches per optimizer step.
-        evaluate: called every ``eval_every`` steps (and never when 0); returns metrics to record.
-        task_weights: returns the current loss weights, for logging.
-        on_step_end: called after every optimizer step with its number (checkpointing).
-        logger: where scalars go every ``log_every`` steps (TensorBoard, rank 0): the means over every
-            micro-batch since the last log, per task over that task's micro-batches.
-        log_every: steps between reads of the device's numbers (logging, the progress bar's loss).
+        task_weights: returns the current loss weights, read with each logging interval's numbers.
+        callbacks: logging, evaluation, checkpoints, ... (`megamoe.engine.callbacks`), called in order.
+        log_every: steps between reads of the device's numbers (`TrainerCallback.on_log`, the progress
+            bar's loss).
         show_progress: draw a progress bar (rank 0 only).
     """
 
@@ -97,11 +96,8 @@ class Trainer:
         *,
         max_steps: int,
         grad_accum: int = 1,
-        evaluate: Callable[[int], dict[str, Any]] | None = None,
-        eval_every: int = 0,
         task_weights: Callable[[], dict[str, float]] | None = None,
-        on_step_end: Callable[[int], None] | None = None,
-        logger: RunLogger | None = None,
+        callbacks: Sequence[TrainerCallback] = (),
         log_every: int = 10,
         show_progress: bool = True,
     ):
@@ -109,19 +105,17 @@ class Trainer:
         self.batches = batches
         self.max_steps = max_steps
         self.grad_accum = grad_accum
-        self.evaluate = evaluate
-        self.eval_every = eval_every
         self.task_weights = task_weights
-        self.on_step_end = on_step_end
-        self.logger = logger
+        self.callbacks = list(callbacks)
         self.log_every = log_every
         self.show_progress = show_progress
         self.step = 0
         self.history: list[StepRecord] = []
         self.evaluations: list[dict[str, Any]] = []
+        self.last_router_stats: Any = None
+        """The last micro-batch's router statistics (device tensors)."""
         self._pending: list[_PendingRecord] = []
         self._logged = 0  # records of `history` already logged
-        self._last_router_stats: Any = None
 
     def state_dict(self) -> dict[str, Any]:
         self._read_pending()  # a checkpoint holds every step's record
@@ -145,27 +139,20 @@ class Trainer:
             unit="step",
             disable=not self.show_progress,
         )
+        for callback in self.callbacks:
+            callback.on_fit_start(self)
         start, tokens = time.perf_counter(), 0
         while self.step < self.max_steps:
             self.step += 1
             for _ in range(self.grad_accum):
                 tokens += self._micro_step(self.step)
             progress.update(1)
-            if self._due(self.log_every) or self.step == self.max_steps:
+            if (self.log_every > 0 and self.step % self.log_every == 0) or self.step == self.max_steps:
                 self._log(progress, tokens / (time.perf_counter() - start))
-            # The last step's evaluation is the caller's final one.
-            if self.evaluate is not None and self._due(self.eval_every) and self.step < self.max_steps:
-                evaluation = {"step": self.step, **self.evaluate(self.step)}
-                self.evaluations.append(evaluation)
-                if self.logger is not None:
-                    self.logger.log_evaluation(self.step, evaluation)
-            if self.on_step_end is not None:
-                self.on_step_end(self.step)
+            for callback in self.callbacks:
+                callback.on_step_end(self, self.step)
         progress.close()
         return self.history
-
-    def _due(self, every: int) -> bool:
-        return every > 0 and self.step % every == 0
 
     def _micro_step(self, step: int) -> int:
         """One micro-batch, queued on the device; returns its real (attention-mask) tokens."""
@@ -175,7 +162,9 @@ class Trainer:
         self._pending.append(
             _PendingRecord(step, batch["task"], self.engine.lr, tokens, _device_values(output))
         )
-        self._last_router_stats = output.router_stats
+        self.last_router_stats = output.router_stats
+        for callback in self.callbacks:
+            callback.on_micro_batch_end(self, batch)
         return tokens
 
     def _read_pending(self) -> None:
@@ -212,5 +201,5 @@ class Trainer:
         progress.set_postfix(
             task=window[-1].task, loss=f"{window[-1].task_loss:.3f}", tok_s=f"{tokens_per_s:.0f}"
         )
-        if self.logger is not None:
-            self.logger.log_step(self.step, window, tokens_per_s, self._last_router_stats)
+        for callback in self.callbacks:
+            callback.on_log(self, self.step, window, tokens_per_s)

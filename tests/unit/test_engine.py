@@ -11,6 +11,7 @@ from transformers import AutoConfig
 
 from megamoe import MegaMoEConfig, MegaMoEForMultiTask
 from megamoe.config import ParallelSection, TrainSection
+from megamoe.engine.callbacks import TrainerCallback
 from megamoe.engine.deepspeed_engine import (
     Engine,
     TopologyError,
@@ -267,9 +268,10 @@ def test_the_trainer_reads_the_device_once_per_logging_interval_and_records_ever
     )
     reads_by_step = {}
 
-    def on_step_end(step):
-        reads_by_step[step] = len(DeviceReads.reads)
-        DeviceReads.reads.clear()
+    class CountReads(TrainerCallback):
+        def on_step_end(self, trainer, step):
+            reads_by_step[step] = len(DeviceReads.reads)
+            DeviceReads.reads.clear()
 
     DeviceReads.reads.clear()
     trainer = Trainer(
@@ -279,7 +281,7 @@ def test_the_trainer_reads_the_device_once_per_logging_interval_and_records_ever
         grad_accum=2,
         log_every=3,
         task_weights=lambda: {"ner": 1.0},
-        on_step_end=on_step_end,
+        callbacks=[CountReads()],
         show_progress=False,
     )
     history = trainer.fit()
@@ -308,3 +310,67 @@ def test_a_checkpoint_between_logs_holds_every_micro_batch_record():
     state = trainer.state_dict()
     assert [r["step"] for r in state["history"]] == [1, 2, 3]
     assert all(isinstance(r["loss"], float) and r["loss"] > 0 for r in state["history"])
+
+
+def test_callbacks_run_in_order_around_each_step_evaluation_and_checkpoints_at_their_cadence(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from megamoe.engine.callbacks import CheckpointCallback, EvaluationCallback, LoggerCallback
+    from megamoe.engine.run_logger import RunLogger
+
+    events = []
+
+    class Recorder(TrainerCallback):
+        def on_fit_start(self, trainer):
+            events.append("start")
+
+        def on_micro_batch_end(self, trainer, batch):
+            events.append(f"micro {trainer.step}")
+
+        def on_log(self, trainer, step, records, tokens_per_s):
+            events.append(f"log {step}: {[r.step for r in records]}")
+
+        def on_step_end(self, trainer, step):
+            events.append(f"end {step}")
+
+    engine = Engine(MegaMoEForMultiTask(tiny_config()), deepspeed_config(TrainSection(max_steps=5)))
+    logger = RunLogger(tmp_path, enabled=True)
+    trainer = Trainer(
+        engine,
+        synthetic_batches(),
+        max_steps=5,
+        log_every=2,
+        callbacks=[
+            Recorder(),
+            LoggerCallback(logger),
+            EvaluationCallback(lambda step: events.append(f"evaluate {step}") or {"score": step}, every=2),
+            CheckpointCallback(lambda step: events.append(f"save {step}"), every=3),
+        ],
+        show_progress=False,
+    )
+    trainer.fit()
+    assert events == [
+        "start",
+        "micro 1",
+        "end 1",
+        "micro 2",
+        "log 2: [1, 2]",
+        "end 2",
+        "evaluate 2",
+        "micro 3",
+        "end 3",
+        "save 3",
+        "micro 4",
+        "log 4: [3, 4]",
+        "end 4",
+        "evaluate 4",
+        "micro 5",
+        "log 5: [5]",
+        "end 5",
+    ], "the last step's evaluation is the caller's"
+    assert trainer.evaluations == [{"step": 2, "score": 2}, {"step": 4, "score": 4}]
+    logger.close()
+    logged = EventAccumulator(str(tmp_path), size_guidance={"histograms": 0})  # 0: keep every one
+    logged.Reload()
+    assert [event.step for event in logged.Scalars("train/loss")] == [2, 4, 5]
+    assert [event.step for event in logged.Histograms("expert_load/moe_layer_0")] == [2, 4, 5], "router stats"
