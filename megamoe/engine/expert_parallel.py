@@ -83,8 +83,10 @@ class ExpertParallelExperts(MoE):
         dist.all_to_all_single(received_RL, sent_RL.contiguous(), group=group)
         send_splits = sent_RL.sum(1).tolist()
         receive_splits = received_RL.sum(1).tolist()
-        # 2. Rows out, then regrouped from (source, local expert) order to local-expert order.
-        x_RD = _AllToAllV.apply(group, x_ND, send_splits, receive_splits)
+        # 2. Rows out, then regrouped from (source, local expert) order to local-expert order. The rows past
+        #    the groups are the dispatch plan's tail, which no expert computes: they stay home.
+        num_rows = x_ND.shape[0]
+        x_RD = _AllToAllV.apply(group, x_ND[: sum(send_splits)], send_splits, receive_splits)
         local_id = torch.arange(num_local, device=x_ND.device).repeat(self.ep_size)
         order = torch.argsort(local_id.repeat_interleave(received_RL.reshape(-1)), stable=True)
         # 3. Every local expert runs, on zero rows if it got none.
@@ -98,9 +100,10 @@ class ExpertParallelExperts(MoE):
                 )
             ]
         )
-        # 4. Back to arrival order, then home.
+        # 4. Back to arrival order, then home, where the tail is zeros.
         y_RD = y_sorted.index_select(0, torch.argsort(order))
-        return _AllToAllV.apply(group, y_RD, receive_splits, send_splits)
+        y_ND = _AllToAllV.apply(group, y_RD, receive_splits, send_splits)
+        return torch.cat([y_ND, y_ND.new_zeros(num_rows - y_ND.shape[0], y_ND.shape[1])])
 
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
         if use_data_before_expert_parallel_:

@@ -1,18 +1,26 @@
-"""Dropless (or capacity-limited) token dispatch by sorting assignments by expert.
+"""Dropless (or capacity-limited) token dispatch by sorting assignments by expert, on static shapes.
 
 Shape legend: T tokens, D hidden size, E experts, K experts per token,
-A = T*K (token, slot) assignments, flattened slot-major (a = k*T + t), N kept assignments (N <= A).
+A = T*K (token, slot) assignments, flattened slot-major (a = k*T + t), N = A expert-sorted rows.
+
+Every shape is fixed by T and K, so the layer runs forward and backward without reading a count to the host
+(no ``.item()``, ``.tolist()``, boolean-mask indexing, ``nonzero`` or data-sized ``bincount``) and
+``torch.compile(fullgraph=True)`` traces it whole. The N rows are the kept assignments sorted by expert, then a
+tail of the ones not kept (padding and, with a capacity, the overflow) that no expert computes: the grouped
+GEMM leaves it uninitialized, and no output or gradient depends on it. Neither gather reads it: an assignment
+that was not kept points at row 0 with scale 0, and row 0 is always computed (a kept row, or when nothing is
+kept, one row of the last expert's group), so it is finite and adds exactly 0. The tail's combine weights
+are 0 through a select, which also drops the gradient computed from the tail's contents.
 
 Memory is O(A * D): no [tokens, experts, capacity] mask is ever built.
 
 Both directions of the token <-> row exchange are gathers, forward and backward: ``permute`` gathers token
 rows into expert order (``x[token_idx_N]``); its backward and ``unpermute`` (the combine) gather each
-token's K rows back through the inverse permutation ``row_idx_KT`` and add them. No ``index_add`` /
-``scatter_add`` is left on the hot path (a scatter needs a zero-filled output, and on GPUs atomics); the
-routing weight is applied in the combine, on D-wide rows, and only ``y_ND`` is saved for its gradient.
+token's K rows back through ``row_idx_KT`` and add them. No ``index_add`` / ``scatter_add`` is left on the
+hot path (a scatter needs a zero-filled output, and on GPUs atomics); the routing weight is applied in the
+combine, on D-wide rows, and only ``y_ND`` is saved for its gradient.
 """
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,30 +29,37 @@ import torch
 
 @dataclass
 class DispatchPlan:
-    """Where each kept (token, slot) assignment goes, rows sorted by expert.
+    """Where each (token, slot) assignment goes: N = T*K rows, the kept ones sorted by expert, then the tail.
 
     Attributes:
         token_idx_N: source token of each row.
-        weights_N: combine weight of each row (differentiable: gradients reach the router).
-        tokens_per_expert_E: rows per expert, int64; the group sizes of the grouped matmul.
+        weights_N: combine weight of each row, 0 in the tail (differentiable: gradients reach the router).
+        group_sizes_E: rows in each expert's group, int64, summing to at most N: its kept assignments (and
+            row 0 in the last group when nothing was kept); the group sizes of the grouped matmul.
         num_dropped: assignments dropped at capacity (int64 scalar; 0 when dropless).
-        row_idx_KT: row of assignment (slot k, token t), the inverse of ``token_idx_N``; 0 (any valid row)
-            where the assignment was not kept.
-        kept_KT: which assignments were kept, as 0/1 in the weights' dtype; None when all were (dropless,
-            no padding), which saves a multiply in the combine and in the permute's backward.
+        row_idx_KT: row of assignment (slot k, token t), the inverse of ``token_idx_N`` on the kept rows; 0 (a
+            computed row) where the assignment was not kept.
+        kept_KT: which assignments were kept, as 0/1 in the weights' dtype.
     """
 
     token_idx_N: torch.Tensor
     weights_N: torch.Tensor
-    tokens_per_expert_E: torch.Tensor
+    group_sizes_E: torch.Tensor
     num_dropped: torch.Tensor
     row_idx_KT: torch.Tensor
-    kept_KT: torch.Tensor | None
+    kept_KT: torch.Tensor
 
 
-def expert_capacity(*, num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
-    """GShard capacity: each expert takes at most ``ceil(capacity_factor * tokens * k / E)`` assignments."""
-    return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
+def expert_capacity(
+    *, num_tokens: torch.Tensor, top_k: int, num_experts: int, capacity_factor: float
+) -> torch.Tensor:
+    """GShard capacity: each expert takes at most ``ceil(capacity_factor * tokens * k / E)`` assignments.
+
+    ``num_tokens`` (the real tokens) stays a device tensor, so the capacity is never read to the host; float64
+    gives the same value as the Python float arithmetic ``math.ceil(capacity_factor * n * k / E)``. The rows
+    are bounded by the static T*K whatever the capacity.
+    """
+    return torch.ceil(capacity_factor * num_tokens.to(torch.float64) * top_k / num_experts).long()
 
 
 def plan_dispatch(
@@ -55,80 +70,84 @@ def plan_dispatch(
     num_experts: int,
     capacity_factor: float | None = None,
 ) -> DispatchPlan:
-    """Sort assignments by expert, leaving out padding and (with a capacity) the overflow."""
+    """Sort assignments by expert, moving padding and (with a capacity) the overflow to the tail."""
     num_tokens, top_k = expert_ids_TK.shape
+    num_rows = num_tokens * top_k
+    device = expert_ids_TK.device
     # 1. Slot-major flattening, a = k*T + t: a stable sort then puts, inside every expert, all first
     #    choices before any second choice (GShard's priority under capacity), each in token order.
     expert_ids_A = expert_ids_TK.t().reshape(-1)
     weights_A = weights_TK.t().reshape(-1)
-    # 2. Padding goes to a sentinel expert E, which sorts after every real one and is cut off below.
+    # 2. Padding goes to a sentinel expert E, which sorts after every real one, into the tail.
     sentinel_ids_A = torch.where(token_mask_T.repeat(top_k), expert_ids_A, num_experts)
-    order_A = torch.argsort(sentinel_ids_A, stable=True)
-    routed_E = torch.bincount(sentinel_ids_A, minlength=num_experts + 1)[:num_experts]
+    order_N = torch.argsort(sentinel_ids_A, stable=True)
+    sorted_ids_N = sentinel_ids_A[order_N]
+    # Group ends by binary search in the sorted ids (a bincount's output size would depend on the data).
+    experts_E = torch.arange(num_experts, device=device, dtype=sorted_ids_N.dtype)
+    routed_end_E = torch.searchsorted(sorted_ids_N, experts_E, right=True)
+    routed_E = torch.diff(routed_end_E, prepend=routed_end_E.new_zeros(1))
 
     if capacity_factor is None:
-        # 3a. Dropless: keep every routed assignment (one host sync for the row count).
-        kept_A = order_A[: int(routed_E.sum())]
+        # 3a. Dropless: every routed assignment is kept, and they already come first.
         kept_E = routed_E
+        rows_N = order_N
     else:
-        # 3b. Capacity: a row survives when its rank inside its expert's group is below capacity.
+        # 3b. Capacity: a row survives when its rank inside its expert's group is below capacity; a stable
+        #     sort on "dropped" then moves the overflow to the tail and keeps the kept rows in expert order.
         capacity = expert_capacity(
-            num_tokens=int(token_mask_T.sum()),
+            num_tokens=token_mask_T.sum(),
             top_k=top_k,
             num_experts=num_experts,
             capacity_factor=capacity_factor,
         )
-        sorted_ids_A = sentinel_ids_A[order_A]
-        group_start_E = torch.cumsum(routed_E, dim=0) - routed_E
-        group_start_A = torch.cat([group_start_E, group_start_E.new_zeros(1)])[sorted_ids_A]
-        rank_A = torch.arange(order_A.numel(), device=order_A.device) - group_start_A
-        kept_A = order_A[(sorted_ids_A < num_experts) & (rank_A < capacity)]
+        group_start_N = (routed_end_E - routed_E)[sorted_ids_N.clamp(max=num_experts - 1)]
+        rank_N = torch.arange(num_rows, device=device) - group_start_N
+        dropped_N = (sorted_ids_N == num_experts) | (rank_N >= capacity)
         kept_E = routed_E.clamp(max=capacity)
+        rows_N = order_N[torch.argsort(dropped_N.to(torch.uint8), stable=True)]
 
-    # 4. The inverse permutation, for the gathers of the combine and of the permute's backward.
-    num_kept = kept_A.numel()
-    row_idx_A = torch.zeros_like(order_A)
-    row_idx_A[kept_A] = torch.arange(num_kept, device=kept_A.device)
-    kept_KT = None
-    if num_kept < order_A.numel():
-        kept_A_mask = torch.zeros(order_A.numel(), dtype=weights_TK.dtype, device=weights_TK.device)
-        kept_KT = kept_A_mask.index_fill_(0, kept_A, 1.0).view(top_k, num_tokens)
+    # 4. Row 0 is what the assignments that were not kept read, with scale 0: when nothing was kept, the last
+    #    expert computes it anyway (finite, so 0 * row = 0; its weight is 0, so its gradient is 0).
+    num_kept = kept_E.sum()
+    group_sizes_E = torch.cat([kept_E[:-1], kept_E[-1:] + (num_kept == 0).long()])
+    # 5. The inverse permutation, for the gathers of the combine and of the permute's backward.
+    row_N = torch.arange(num_rows, device=device)
+    row_of_A = torch.empty_like(rows_N).scatter_(0, rows_N, row_N)
+    kept_A = row_of_A < num_kept
+    # The tail's weights are 0 through a select, not a product: their gradient (read from the tail of the
+    # expert output) is dropped, whatever it holds.
+    weights_N = torch.where(row_N < num_kept, weights_A.index_select(0, rows_N), 0.0)
 
     return DispatchPlan(
-        token_idx_N=kept_A % num_tokens,
-        weights_N=weights_A[kept_A],
-        tokens_per_expert_E=kept_E,
-        num_dropped=routed_E.sum() - kept_E.sum(),
-        row_idx_KT=row_idx_A.view(top_k, num_tokens),
-        kept_KT=kept_KT,
+        token_idx_N=rows_N % num_tokens,
+        weights_N=weights_N,
+        group_sizes_E=group_sizes_E,
+        num_dropped=routed_E.sum() - num_kept,
+        row_idx_KT=torch.where(kept_A, row_of_A, 0).view(top_k, num_tokens),
+        kept_KT=kept_A.to(weights_TK.dtype).view(top_k, num_tokens),
     )
 
 
-def _gather_sum(
-    src_ND: torch.Tensor, row_idx_KT: torch.Tensor, scale_KT: torch.Tensor | None
-) -> torch.Tensor:
-    """``out[t] = sum_k scale[k, t] * src[row_idx[k, t]]`` (scale 1 when None), with K gathers and no scatter.
+def _gather_sum(src_ND: torch.Tensor, row_idx_KT: torch.Tensor, scale_KT: torch.Tensor) -> torch.Tensor:
+    """``out[t] = sum_k scale[k, t] * src[row_idx[k, t]]``, with K gathers and no scatter.
 
-    A row with scale 0 adds exactly 0 (its source row is a real, finite expert row).
+    A row with scale 0 adds exactly 0 (the plan points it at row 0, a computed, finite expert row).
     """
-    top_k, num_tokens = row_idx_KT.shape
-    if src_ND.shape[0] == 0:  # nothing was routed (all padding): there is no row to point at
-        return src_ND.new_zeros(num_tokens, src_ND.shape[1])
-    out_TD = src_ND.index_select(0, row_idx_KT[0])
-    if scale_KT is not None:
-        out_TD.mul_(scale_KT[0, :, None])
+    top_k = row_idx_KT.shape[0]
+    out_TD = src_ND.index_select(0, row_idx_KT[0]).mul_(scale_KT[0, :, None])
     gathered_TD = torch.empty_like(out_TD) if top_k > 1 else out_TD
     for k in range(1, top_k):
         torch.index_select(src_ND, 0, row_idx_KT[k], out=gathered_TD)
-        if scale_KT is None:
-            out_TD.add_(gathered_TD)
-        else:
-            out_TD.addcmul_(gathered_TD, scale_KT[k, :, None])
+        out_TD.addcmul_(gathered_TD, scale_KT[k, :, None])
     return out_TD
 
 
 class _Permute(torch.autograd.Function):
-    """``x_ND = x_TD[token_idx_N]``; backward gathers each token's K row gradients instead of ``index_add``."""
+    """``x_ND = x_TD[token_idx_N]``; backward gathers each token's K row gradients instead of ``index_add``.
+
+    The tail rows' gradient is never read (the grouped GEMM does not compute it): they carry weight 0 in the
+    combine, so their true gradient is 0.
+    """
 
     @staticmethod
     def forward(
@@ -136,7 +155,7 @@ class _Permute(torch.autograd.Function):
         x_TD: torch.Tensor,
         token_idx_N: torch.Tensor,
         row_idx_KT: torch.Tensor,
-        kept_KT: torch.Tensor | None,
+        kept_KT: torch.Tensor,
     ) -> torch.Tensor:
         ctx.save_for_backward(row_idx_KT, kept_KT)
         return x_TD.index_select(0, token_idx_N)
@@ -144,8 +163,7 @@ class _Permute(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_ND: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
         row_idx_KT, kept_KT = ctx.saved_tensors
-        kept_KT = None if kept_KT is None else kept_KT.to(grad_ND.dtype)
-        return _gather_sum(grad_ND.contiguous(), row_idx_KT, kept_KT), None, None, None
+        return _gather_sum(grad_ND.contiguous(), row_idx_KT, kept_KT.to(grad_ND.dtype)), None, None, None
 
 
 class _Unpermute(torch.autograd.Function):
@@ -162,16 +180,12 @@ class _Unpermute(torch.autograd.Function):
         weights_N: torch.Tensor,
         token_idx_N: torch.Tensor,
         row_idx_KT: torch.Tensor,
-        kept_KT: torch.Tensor | None,
+        kept_KT: torch.Tensor,
     ) -> torch.Tensor:
         ctx.save_for_backward(y_ND, weights_N, token_idx_N)
         # The weight of assignment (k, t), 0 where it was not kept.
-        if y_ND.shape[0] == 0:
-            weights_KT = None
-        else:
-            weights_KT = weights_N.to(y_ND.dtype).index_select(0, row_idx_KT.reshape(-1)).view_as(row_idx_KT)
-            if kept_KT is not None:
-                weights_KT.mul_(kept_KT.to(weights_KT.dtype))
+        weights_KT = weights_N.to(y_ND.dtype).index_select(0, row_idx_KT.reshape(-1)).view_as(row_idx_KT)
+        weights_KT.mul_(kept_KT.to(weights_KT.dtype))
         return _gather_sum(y_ND, row_idx_KT, weights_KT)
 
     @staticmethod
@@ -179,7 +193,9 @@ class _Unpermute(torch.autograd.Function):
         ctx: Any, grad_TD: torch.Tensor
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None]:
         y_ND, weights_N, token_idx_N = ctx.saved_tensors
-        # Row n's gradient is its token's output gradient: a gather, then scaled in place.
+        # Row n's gradient is its token's output gradient: a gather, then scaled in place. In the tail it is
+        # 0 for y (weight 0); for the weights it is whatever the unread tail of y_ND holds, and the plan's
+        # ``torch.where`` that zeroed the tail weights zeroes it too before it reaches the router.
         grad_out_ND = grad_TD.index_select(0, token_idx_N)
         grad_y_ND = grad_w_N = None
         if ctx.needs_input_grad[0]:
@@ -195,7 +211,7 @@ def permute(x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
 
 
 def unpermute(y_ND: torch.Tensor, plan: DispatchPlan, num_tokens: int) -> torch.Tensor:
-    """Weight each expert output row and sum it back into its token: ``y_TD`` (zeros where nothing was routed)."""
+    """Weight each expert output row and sum it back into its token: ``y_TD`` (zeros where nothing was kept)."""
     if plan.row_idx_KT.shape[1] != num_tokens:
         raise ValueError(f"the plan is for {plan.row_idx_KT.shape[1]} tokens, not num_tokens={num_tokens}")
     return _Unpermute.apply(y_ND, plan.weights_N, plan.token_idx_N, plan.row_idx_KT, plan.kept_KT)

@@ -33,19 +33,33 @@ def _grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def grouped_linear(
     x_NI: torch.Tensor,
     weight_EOI: torch.Tensor,
-    tokens_per_expert_E: torch.Tensor,
+    group_sizes_E: torch.Tensor,
     bias_EO: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``y[rows of e] = x[rows of e] @ weight[e].T + bias[e]`` for consecutive row groups of the given sizes."""
+    """``y[rows of e] = x[rows of e] @ weight[e].T + bias[e]`` for consecutive row groups of the given sizes.
+
+    The groups may end before the last row: the rows past them are not computed (torch's grouped GEMM leaves
+    them uninitialized), and no gradient flows from them into the weights or the biases.
+    """
+    group_end_E = torch.cumsum(group_sizes_E, dim=0, dtype=torch.int32)
     if _grouped_mm_supported(x_NI, weight_EOI):
-        offsets_E = torch.cumsum(tokens_per_expert_E, dim=0, dtype=torch.int32)
-        y_NO = F.grouped_mm(x_NI, weight_EOI.transpose(-2, -1), offs=offsets_E)
+        # Device offsets: the group sizes are never read to the host.
+        y_NO = F.grouped_mm(x_NI, weight_EOI.transpose(-2, -1), offs=group_end_E)
     else:
+        # The group sizes read to the host: this path serves the dtypes and row strides the grouped GEMM refuses.
         # unbind, not weight[e]: each indexing op's backward would allocate a zero gradient of the whole stack.
-        chunks = x_NI.split(tokens_per_expert_E.tolist())
-        y_NO = torch.cat([F.linear(chunk, w) for chunk, w in zip(chunks, weight_EOI.unbind(0), strict=True)])
+        sizes = group_sizes_E.tolist()
+        *chunks, rest = x_NI.split([*sizes, x_NI.shape[0] - sum(sizes)])
+        outputs = [F.linear(chunk, w) for chunk, w in zip(chunks, weight_EOI.unbind(0), strict=True)]
+        y_NO = torch.cat([*outputs, rest.new_zeros(rest.shape[0], weight_EOI.shape[1])])
     if bias_EO is not None:
-        y_NO = y_NO + bias_EO.repeat_interleave(tokens_per_expert_E, dim=0, output_size=x_NI.shape[0])
+        # Rows past the groups (expert id E) take a zero bias row that is cut off in the backward, so their
+        # uninitialized gradients never reach the biases.
+        row_expert_N = torch.searchsorted(
+            group_end_E, torch.arange(x_NI.shape[0], device=x_NI.device, dtype=torch.int32), right=True
+        )
+        padded_bias_EO = torch.cat([bias_EO, bias_EO.new_zeros(1, bias_EO.shape[1])])
+        y_NO = y_NO + padded_bias_EO.index_select(0, row_expert_N)
     return y_NO
 
 
@@ -89,6 +103,16 @@ class _GatedActivation(torch.autograd.Function):
             grad_gate_NF.copy_(grad_gate)
             torch.mul(grad_NF, act_NF.detach(), out=grad_up_NF)
         return grad_h_N2F, None, None
+
+
+def gated_activation(h_N2F: torch.Tensor, act_fn: nn.Module, act_name: str) -> torch.Tensor:
+    """``act(gate) * up`` over a fused ``[N, 2F]`` projection (gate columns first)."""
+    if torch.compiler.is_compiling():
+        # The compiler plans the memory of the plain form itself; and dynamo cannot trace the eager
+        # Function's backward, which writes (``out=``) into the two strided halves of the gradient.
+        gate_NF, up_NF = h_N2F.chunk(2, dim=-1)
+        return act_fn(gate_NF) * up_NF
+    return _GatedActivation.apply(h_N2F, act_fn, act_name)
 
 
 # Activations with a closed-form backward: (act(x) -> new tensor, act(x, out), act_backward(grad, x, out)).
@@ -176,10 +200,8 @@ class GroupedExperts(nn.Module):
     def up_bias(self) -> nn.Parameter | None:
         return self.gate_up_proj_bias if self.is_glu else self.up_proj_bias
 
-    def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-        h_NF = grouped_linear(x_ND, self.up_weight, tokens_per_expert_E, self.up_bias)
-        if self.is_glu:
-            h_NF = _GatedActivation.apply(h_NF, self.act_fn, self.hidden_act)
-        else:
-            h_NF = self.act_fn(h_NF)
-        return grouped_linear(h_NF, self.down_proj, tokens_per_expert_E, self.down_proj_bias)
+    def forward(self, x_ND: torch.Tensor, group_sizes_E: torch.Tensor) -> torch.Tensor:
+        """Expert e on the e-th group of rows; rows past the groups are left uncomputed (see `grouped_linear`)."""
+        h_NF = grouped_linear(x_ND, self.up_weight, group_sizes_E, self.up_bias)
+        h_NF = gated_activation(h_NF, self.act_fn, self.hidden_act) if self.is_glu else self.act_fn(h_NF)
+        return grouped_linear(h_NF, self.down_proj, group_sizes_E, self.down_proj_bias)

@@ -85,7 +85,7 @@ class MoEFeedForward(nn.Module):
 
         # 1. Route every token to its top-k experts (float32 router, padding masked out of the losses).
         routing = self.router(x_TD, token_mask_T, task_id)
-        # 2. Sort the kept (token, slot) assignments by expert; padding and overflow are left out.
+        # 2. Sort the kept (token, slot) assignments by expert; padding and overflow go to the tail.
         plan = plan_dispatch(
             expert_ids_TK=routing.expert_ids_TK,
             weights_TK=routing.weights_TK,
@@ -95,7 +95,7 @@ class MoEFeedForward(nn.Module):
         )
         # 3. Run each expert on its contiguous group of rows (grouped GEMM), then
         # 4. weight the rows and sum them back into their tokens.
-        y_ND = self.experts(permute(x_TD, plan), plan.tokens_per_expert_E)
+        y_ND = self.experts(permute(x_TD, plan), plan.group_sizes_E)
         y_TD = unpermute(y_ND, plan, num_tokens=x_TD.shape[0])
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)

@@ -75,9 +75,11 @@ def routing_statistics(
     ``router_probs_TE``: the softmax of the logits when the caller has it already (else computed here).
     """
     with torch.no_grad():
-        # Padding counts in a sentinel bin E that is cut off: no boolean-mask indexing (a host sync).
-        sentinel_ids_TK = torch.where(token_mask_T[:, None], expert_ids_TK, num_experts)
-        tokens_per_expert_E = torch.bincount(sentinel_ids_TK.reshape(-1), minlength=num_experts + 1)
+        # Padding adds 0: no boolean-mask indexing, and no bincount (its output size depends on the data).
+        tokens_per_expert_E = torch.zeros(num_experts, dtype=torch.long, device=expert_ids_TK.device)
+        tokens_per_expert_E.scatter_add_(
+            0, expert_ids_TK.reshape(-1), token_mask_T.long().repeat_interleave(expert_ids_TK.shape[-1])
+        )
     return RoutingStatistics(
         aux_loss=load_balancing_loss(
             router_probs_TE=router_logits_TE.softmax(dim=-1) if router_probs_TE is None else router_probs_TE,
@@ -86,5 +88,5 @@ def routing_statistics(
             num_experts=num_experts,
         ),
         z_loss=router_z_loss(router_logits_TE=router_logits_TE, token_mask_T=token_mask_T),
-        tokens_per_expert_E=tokens_per_expert_E[:num_experts],
+        tokens_per_expert_E=tokens_per_expert_E,
     )

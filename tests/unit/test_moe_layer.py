@@ -1,5 +1,6 @@
 """Equivalence tests of the MoE layer: against a naive per-token loop, the dense FFN, and hand-computed losses."""
 
+import contextlib
 import math
 
 import pytest
@@ -46,19 +47,26 @@ def expert_ffn(experts: GroupedExperts, e: int, x_D: torch.Tensor) -> torch.Tens
     return y if experts.down_proj_bias is None else y + experts.down_proj_bias[e]
 
 
-def naive_moe(layer: MoEFeedForward, x_TD: torch.Tensor, mask_T: torch.Tensor) -> torch.Tensor:
-    """Loop over tokens and their top-k experts; padding tokens get zero."""
+def naive_moe(
+    layer: MoEFeedForward, x_TD: torch.Tensor, mask_T: torch.Tensor, capacity: int | None = None
+) -> torch.Tensor:
+    """Loop over tokens and their top-k experts; padding tokens get zero.
+
+    With a capacity, assignments are taken slot by slot (every first choice in token order, then every second
+    choice, ...) while their expert has room (GShard's priority); the others add nothing.
+    """
     probs_TE = (x_TD.float() @ layer.router.weight.float().T).softmax(-1)
-    outputs = []
-    for t in range(x_TD.shape[0]):
-        y = torch.zeros(HIDDEN)
-        if mask_T[t]:
-            weights, ids = probs_TE[t].topk(layer.router.top_k)
-            if layer.router.norm_topk_prob:
-                weights = weights / weights.sum()
-            for w, e in zip(weights, ids.tolist(), strict=True):
-                y = y + w * expert_ffn(layer.experts, e, x_TD[t])
-        outputs.append(y)
+    weights_TK, ids_TK = probs_TE.topk(layer.router.top_k, dim=-1)
+    if layer.router.norm_topk_prob:
+        weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+    load = [0] * layer.num_experts
+    outputs = [torch.zeros(HIDDEN) for _ in range(x_TD.shape[0])]
+    for k in range(layer.router.top_k):
+        for t in range(x_TD.shape[0]):
+            e = int(ids_TK[t, k])
+            if mask_T[t] and (capacity is None or load[e] < capacity):
+                load[e] += 1
+                outputs[t] = outputs[t] + weights_TK[t, k] * expert_ffn(layer.experts, e, x_TD[t])
     return torch.stack(outputs)
 
 
@@ -229,6 +237,32 @@ def forced_router(layer: MoEFeedForward, preferred_expert_order: list[int]) -> N
             layer.router.weight[e] = float(len(preferred_expert_order) - rank)
 
 
+@pytest.mark.parametrize(("mlp_type", "bias"), [("glu", False), ("mlp", True)])
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_capacity_with_padding_matches_naive_reference_forward_and_backward(mlp_type, bias, top_k):
+    layer = make_layer(num_experts=4, top_k=top_k, mlp_type=mlp_type, bias=bias, capacity_factor=0.75)
+    x_BSD = torch.randn(2, 9, HIDDEN)
+    mask_BS = torch.ones(2, 9, dtype=torch.bool)
+    mask_BS[1, 5:] = False
+    capacity = math.ceil(0.75 * int(mask_BS.sum()) * top_k / 4)
+
+    x_fast = x_BSD.clone().requires_grad_()
+    y_fast, stats = layer(x_fast, mask_BS)
+    assert int(stats.dropped_tokens) > 0
+    x_ref = x_BSD.clone().requires_grad_()
+    y_ref = naive_moe(layer, x_ref.reshape(-1, HIDDEN), mask_BS.reshape(-1), capacity).reshape(2, 9, HIDDEN)
+    torch.testing.assert_close(y_fast, y_ref, rtol=1e-5, atol=1e-5)
+
+    grad_out = torch.randn_like(y_ref)
+    params = dict(layer.named_parameters())
+    fast_grads = torch.autograd.grad(y_fast, [x_fast, *params.values()], grad_out, allow_unused=True)
+    ref_grads = torch.autograd.grad(y_ref, [x_ref, *params.values()], grad_out, allow_unused=True)
+    for name, g_fast, g_ref in zip(["x", *params], fast_grads, ref_grads, strict=True):
+        torch.testing.assert_close(
+            g_fast, g_ref, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"grad of {n}: {m}"
+        )
+
+
 def test_capacity_drops_the_overflow_and_counts_it():
     layer = make_layer(num_experts=4, top_k=1, capacity_factor=1.0)
     forced_router(layer, [2, 0, 1, 3])
@@ -236,7 +270,7 @@ def test_capacity_drops_the_overflow_and_counts_it():
     mask = torch.ones(1, 8, dtype=torch.bool)
     mask[0, 7] = False  # padding does not take capacity: capacity = ceil(1.0 * 7 * 1 / 4) = 2
     y, stats = layer(x, mask)
-    assert expert_capacity(num_tokens=7, top_k=1, num_experts=4, capacity_factor=1.0) == 2
+    assert expert_capacity(num_tokens=torch.tensor(7), top_k=1, num_experts=4, capacity_factor=1.0) == 2
     assert stats.tokens_per_expert.tolist() == [0, 0, 7, 0]
     assert int(stats.dropped_tokens) == 5
     # The first two tokens (token order inside an expert) are kept; the dropped ones get a zero update.
@@ -255,10 +289,13 @@ def test_capacity_gives_first_choices_priority_over_second_choices():
         num_experts=2,
         capacity_factor=0.5,  # capacity = ceil(0.5 * 4 * 2 / 2) = 2
     )
-    assert plan.tokens_per_expert_E.tolist() == [2, 2]
+    assert plan.group_sizes_E.tolist() == [2, 2]
     assert int(plan.num_dropped) == 4
-    # Rows sorted by expert; each expert keeps exactly its first-choice tokens.
-    assert plan.token_idx_N.tolist() == [0, 2, 1, 3]
+    # Kept rows first, sorted by expert; each expert keeps exactly its first-choice tokens; the 4 dropped
+    # assignments are the tail, with weight 0.
+    assert plan.token_idx_N[:4].tolist() == [0, 2, 1, 3]
+    assert plan.weights_N[4:].tolist() == [0, 0, 0, 0]
+    assert plan.kept_KT.tolist() == [[1, 1, 1, 1], [0, 0, 0, 0]]
 
 
 def test_dropless_keeps_everything():
@@ -270,11 +307,11 @@ def test_dropless_keeps_everything():
         num_experts=3,
     )
     assert int(plan.num_dropped) == 0
-    assert plan.tokens_per_expert_E.tolist() == torch.bincount(ids_TK.flatten(), minlength=3).tolist()
+    assert plan.group_sizes_E.tolist() == torch.bincount(ids_TK.flatten(), minlength=3).tolist()
     # Every (token, slot) appears once, rows grouped by expert.
     rows_per_token = torch.bincount(plan.token_idx_N, minlength=50)
     assert torch.all(rows_per_token == 2)
-    row_experts = torch.repeat_interleave(torch.arange(3), plan.tokens_per_expert_E)
+    row_experts = torch.repeat_interleave(torch.arange(3), plan.group_sizes_E)
     for row, (token, expert) in enumerate(zip(plan.token_idx_N.tolist(), row_experts.tolist(), strict=True)):
         assert expert in ids_TK[token].tolist(), f"row {row}: token {token} was not routed to expert {expert}"
     assert plan.token_idx_N.numel() == ids_TK.numel()
@@ -308,6 +345,91 @@ def test_unaligned_shapes_use_the_fallback():
     w = torch.randn(2, 10, 6)
     y = grouped_linear(x, w, torch.tensor([1, 3]))
     torch.testing.assert_close(y, torch.cat([x[:1] @ w[0].T, x[1:] @ w[1].T]))
+
+
+@contextlib.contextmanager
+def uninitialized_memory_as_nan():
+    """Deterministic mode fills ``torch.empty`` with NaN: a read of a row the grouped GEMM leaves uncomputed shows."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    assert torch.utils.deterministic.fill_uninitialized_memory
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+@pytest.mark.parametrize("in_features", [16, 6], ids=["grouped_mm", "fallback"])
+def test_grouped_linear_leaves_rows_past_the_groups_out(in_features):
+    sizes = torch.tensor([3, 0, 4])
+    x = torch.randn(10, in_features)
+    x[7:] = float("nan")  # the tail: no weight or bias gradient may see it
+    x.requires_grad_()
+    w = torch.randn(3, 8, in_features, requires_grad=True)
+    b = torch.randn(3, 8, requires_grad=True)
+    with uninitialized_memory_as_nan():
+        y = grouped_linear(x, w, sizes, b)
+    loop = torch.cat([x[:3] @ w[0].T + b[0], x[3:7] @ w[2].T + b[2]])
+    torch.testing.assert_close(y[:7], loop)
+    grad = torch.randn(7, 8)
+    ours = torch.autograd.grad(y[:7], [w, b], grad)
+    for g_ours, g_loop in zip(ours, torch.autograd.grad(loop, [w, b], grad), strict=True):
+        torch.testing.assert_close(g_ours, g_loop)
+    if in_features == 16:
+        assert torch.isnan(y[7:]).all(), "the grouped GEMM leaves the tail uninitialized (NaN here)"
+
+
+@pytest.mark.parametrize(("mlp_type", "bias"), [("glu", False), ("mlp", True)])
+@pytest.mark.parametrize("capacity_factor", [None, 0.75])
+def test_uninitialized_tail_never_reaches_outputs_or_gradients(mlp_type, bias, capacity_factor):
+    """With the tail NaN (deterministic mode), outputs, losses and every gradient are finite and unchanged."""
+    layer = make_layer(num_experts=4, top_k=2, mlp_type=mlp_type, bias=bias, capacity_factor=capacity_factor)
+    x = torch.randn(2, 9, HIDDEN, requires_grad=True)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[0, 6:] = False
+
+    def step():
+        y, stats = layer(x, mask)
+        loss = (y * torch.linspace(-1, 1, HIDDEN)).sum() + stats.aux_loss + stats.z_loss
+        return [y, *torch.autograd.grad(loss, [x, *layer.parameters()])]
+
+    expected = step()
+    with uninitialized_memory_as_nan():
+        poisoned = step()
+    for ours, reference in zip(poisoned, expected, strict=True):
+        assert torch.isfinite(ours).all()
+        torch.testing.assert_close(ours, reference, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("mlp_type", "bias", "capacity_factor"),
+    [("glu", False, None), ("mlp", True, 0.75)],
+    ids=["dropless", "capacity"],
+)
+def test_compiled_layer_has_no_graph_break_and_equals_eager(mlp_type, bias, capacity_factor):
+    """``fullgraph=True`` fails on any host sync (dynamo cannot trace past it), forward or backward.
+
+    aot_eager traces the forward and the backward graph with AOTAutograd and runs them with eager kernels, so
+    it checks the whole step in seconds without a C++ compiler. bfloat16: the meta kernel of
+    ``torch._grouped_mm`` (what dynamo traces with) accepts bf16 only, though the CPU kernel runs float32 too.
+    """
+    torch._dynamo.reset()
+    layer = make_layer(num_experts=4, top_k=2, mlp_type=mlp_type, bias=bias, capacity_factor=capacity_factor)
+    layer.to(torch.bfloat16)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 6, HIDDEN, dtype=torch.bfloat16)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 4:] = False
+
+    def step(module):
+        x_in = x.clone().requires_grad_()
+        y, stats = module(x_in, mask)
+        loss = (y.float() * torch.linspace(-1, 1, HIDDEN)).sum() + stats.aux_loss + stats.z_loss
+        grads = torch.autograd.grad(loss, [x_in, *layer.parameters()])
+        return [y, stats.aux_loss, stats.z_loss, stats.tokens_per_expert, stats.dropped_tokens, *grads]
+
+    for ours, eager in zip(step(compiled), step(layer), strict=True):
+        torch.testing.assert_close(ours, eager, rtol=0, atol=0)
 
 
 def test_all_padding_batch_runs():
@@ -365,17 +487,23 @@ def test_permute_and_unpermute_gradients_match_autograd(top_k, padding, capacity
         )
 
     plan = make_plan(weights_TK)
-    assert (plan.kept_KT is None) == (not padding and capacity_factor is None)
+    # Static shapes: T*K rows, the kept ones first, then a tail with weight 0.
+    num_kept = int(mask_T.sum()) * top_k - int(plan.num_dropped)
+    assert plan.token_idx_N.numel() == num_tokens * top_k
+    assert torch.all(plan.weights_N[:num_kept] > 0) and torch.all(plan.weights_N[num_kept:] == 0)
     x_TD = torch.randn(num_tokens, 5, dtype=torch.float64, requires_grad=True)
-    y_ND = torch.randn(plan.token_idx_N.numel(), 5, dtype=torch.float64, requires_grad=True)
+    y_ND = torch.randn(num_tokens * top_k, 5, dtype=torch.float64, requires_grad=True)
 
-    torch.autograd.gradcheck(lambda x: permute(x, plan), (x_TD,))
+    # The tail rows' gradient is 0 in the layer (weight 0 in the combine) and the permute's backward does not
+    # read it, so it is checked on the kept rows.
+    torch.autograd.gradcheck(lambda x: permute(x, plan)[:num_kept], (x_TD,))
     torch.autograd.gradcheck(lambda y, w: unpermute(y, make_plan(w), num_tokens), (y_ND, weights_TK))
 
     # Same values and gradients as the scatter formulation the Functions replace.
     x_ND = permute(x_TD, plan)
     torch.testing.assert_close(x_ND, x_TD[plan.token_idx_N])
     grad_ND = torch.randn_like(x_ND)
+    grad_ND[num_kept:] = 0
     (grad_x,) = torch.autograd.grad(x_ND, x_TD, grad_ND)
     torch.testing.assert_close(grad_x, torch.zeros_like(x_TD).index_add(0, plan.token_idx_N, grad_ND))
     y_TD = unpermute(y_ND, plan, num_tokens)
