@@ -100,3 +100,23 @@ def test_grouped_mm_runs_on_cuda_in_bf16_and_equals_the_loop(monkeypatch):
         [x[s : s + n] @ w[e].T for e, (s, n) in enumerate(zip(starts, sizes.tolist(), strict=True))]
     )
     torch.testing.assert_close(fast, loop, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 1.0], ids=["dropless", "capacity"])
+def test_a_bf16_moe_layer_step_reads_nothing_back_to_the_host(capacity_factor):
+    """``set_sync_debug_mode("error")`` raises on any device-to-host sync: the layer's forward and backward
+    (router, dispatch, `F.grouped_mm` experts, combine, losses) must make none, padded or at capacity."""
+    from tests.unit.test_moe_layer import HIDDEN, make_layer
+
+    layer = make_layer(num_experts=8, top_k=2, capacity_factor=capacity_factor).to("cuda", torch.bfloat16)
+    x = torch.randn(4, 64, HIDDEN, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    mask = torch.ones(4, 64, dtype=torch.bool, device="cuda")
+    mask[1, 40:] = False
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y, stats = layer(x, mask)
+        (y.float().sum() + stats.aux_loss + stats.z_loss).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(x.grad).all() and all(torch.isfinite(p.grad).all() for p in layer.parameters())
