@@ -203,7 +203,10 @@ def export_weights(path: str | Path, out_dir: str | Path, *, max_shard_size: str
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".consolidating-", dir=out_dir) as scratch:
         model = load_checkpoint_model(tag_dir, scratch_dir=Path(scratch))
-        model.save_pretrained(out_dir, max_shard_size=max_shard_size)
+        # The layout the model holds: reverting an HF MoE backbone's fused experts to the published
+        # per-expert layout (transformers' default) makes all of them again in memory before any shard is
+        # written, ~39 GB for Qwen3-30B-A3B (bench/save_memory.py). from_pretrained reads either layout.
+        model.save_pretrained(out_dir, max_shard_size=max_shard_size, save_original_format=False)
         del model
     return out_dir
 

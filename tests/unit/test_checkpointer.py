@@ -199,3 +199,34 @@ def test_a_zero3_bf16_checkpoint_exports_in_bf16_consolidated_into_file_mappings
     exported = AutoModel.from_pretrained(out, trust_remote_code=True, dtype=torch.bfloat16).eval()
     with torch.no_grad():
         torch.testing.assert_close(exported(ids, task="ner").logits, expected, rtol=0, atol=0)
+
+
+def test_an_hf_moe_backbone_exports_in_its_fused_layout_and_computes_what_the_live_model_computed(tmp_path):
+    """The export keeps the layout the model holds: transformers' revert to the published per-expert layout
+    would make every fused expert tensor again in memory (bench/save_memory.py)."""
+    from safetensors import safe_open
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    from megamoe.checkpoint.export import export_checkpoint
+    from megamoe.sources.hf_moe import load_hf_moe
+    from megamoe.tasks.objective import MultiTaskObjective
+    from megamoe.tasks.weighting import build_weighting
+    from tests.conftest import TASKS, tiny_hf_moe_config
+
+    AutoModelForCausalLM.from_config(tiny_hf_moe_config("qwen3_moe")).save_pretrained(tmp_path / "published")
+    model = load_hf_moe(str(tmp_path / "published"), tasks=TASKS, dtype=torch.float32)
+    objective = MultiTaskObjective(model, build_weighting("static", list(TASKS)))
+    engine = Engine(objective, deepspeed_config(TrainSection(max_steps=4)), run_dir=tmp_path)
+    out = export_checkpoint(
+        exportable_checkpointer(tmp_path, model, engine, zero_stage=0).save(1), tmp_path / "out"
+    )
+
+    with safe_open(out / "model.safetensors", "pt") as exported_file:
+        keys = set(exported_file.keys())
+    assert "model.backbone.layers.0.mlp.experts.gate_up_proj" in keys
+    assert not any(".experts.0." in key for key in keys), "not reverted to per-expert tensors"
+    ids = torch.randint(1, 64, (2, 7))
+    exported = AutoModel.from_pretrained(out, trust_remote_code=True).eval()
+    with torch.no_grad():
+        expected = model.eval()(ids, task="topic").logits
+        torch.testing.assert_close(exported(ids, task="topic").logits, expected, rtol=0, atol=0)
