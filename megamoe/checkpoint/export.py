@@ -64,6 +64,8 @@ class FileBackedTensors:
 class _HeapTensors:
     """What `FileBackedTensors` does, in ordinary memory: for a model that is used, not exported."""
 
+    directory = None  # temporary files (AutoEP's universal checkpoint) go to the system's temporary directory
+
     def empty(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype)
 
@@ -130,8 +132,7 @@ def _autoep_state_dict(
     """An AutoEP checkpoint through DeepSpeed's own expert-aware consolidation (``ds_to_universal``, which
     ``zero_to_fp32`` defers to for AutoEP), with AutoEP's names mapped back to the HF backbone's. Its fp32
     files are written beside ``memory``'s (on the export's disk) and memory-mapped."""
-    scratch = memory.directory if isinstance(memory, FileBackedTensors) else None
-    with tempfile.TemporaryDirectory(prefix="megamoe-universal-", dir=scratch) as universal:
+    with tempfile.TemporaryDirectory(prefix="megamoe-universal-", dir=memory.directory) as universal:
         command = [
             sys.executable,
             "-m",

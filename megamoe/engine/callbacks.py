@@ -10,6 +10,11 @@ if TYPE_CHECKING:
     from .trainer import StepRecord, Trainer
 
 
+def is_due(step: int, every: int) -> bool:
+    """Whether ``step`` is one of every ``every`` steps (never when ``every`` is 0)."""
+    return every > 0 and step % every == 0
+
+
 class TrainerCallback:
     """The hooks `Trainer.fit` calls, in this order around each step; each does nothing unless overridden."""
 
@@ -54,7 +59,7 @@ class EvaluationCallback(TrainerCallback):
         self.logger = logger
 
     def on_step_end(self, trainer: "Trainer", step: int) -> None:
-        if self.every <= 0 or step % self.every or step >= trainer.max_steps:
+        if not is_due(step, self.every) or step >= trainer.max_steps:
             return
         evaluation = {"step": step, **self.evaluate(step)}
         trainer.evaluations.append(evaluation)
@@ -70,5 +75,5 @@ class CheckpointCallback(TrainerCallback):
         self.every = every
 
     def on_step_end(self, trainer: "Trainer", step: int) -> None:
-        if self.every > 0 and step % self.every == 0:
+        if is_due(step, self.every):
             self.save(step)

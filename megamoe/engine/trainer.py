@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import torch
 from tqdm.auto import tqdm
 
-from .callbacks import TrainerCallback
+from .callbacks import TrainerCallback, is_due
 
 
 class TrainEngine(Protocol):
@@ -147,7 +147,7 @@ class Trainer:
             for _ in range(self.grad_accum):
                 tokens += self._micro_step(self.step)
             progress.update(1)
-            if (self.log_every > 0 and self.step % self.log_every == 0) or self.step == self.max_steps:
+            if is_due(self.step, self.log_every) or self.step == self.max_steps:
                 self._log(progress, tokens / (time.perf_counter() - start))
             for callback in self.callbacks:
                 callback.on_step_end(self, self.step)
