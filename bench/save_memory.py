@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+from load_memory import SIZES, write_checkpoint  # bench/ is this script's directory
 
 _GIB = 2**30
 TASKS = {"topic": {"type": "sequence_classification", "labels": ["a", "b"]}}
@@ -26,28 +27,15 @@ def rss_anon() -> int:
 
 
 def build(kind: str, directory: Path):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from megamoe import MegaMoEConfig, MegaMoEForMultiTask
     from megamoe.sources.hf_moe import load_hf_moe
 
-    sizes = dict(hidden_size=768, num_hidden_layers=8, num_attention_heads=8, intermediate_size=1024)
-    if kind == "megamoe":
+    if kind == "megamoe":  # the same widths, depth and experts as the HF MoE checkpoint
         config = MegaMoEConfig(
-            vocab_size=32000, num_experts=32, moe_intermediate_size=512, tasks=TASKS, **sizes
+            vocab_size=32000, num_attention_heads=8, intermediate_size=1024, tasks=TASKS, **SIZES["300m"]
         )
         return MegaMoEForMultiTask(config).to(torch.bfloat16)
-    config = AutoConfig.for_model(
-        "qwen3_moe",
-        vocab_size=32000,
-        num_key_value_heads=4,
-        num_experts=32,
-        num_experts_per_tok=4,
-        moe_intermediate_size=512,
-        max_position_embeddings=256,
-        **sizes,
-    )
-    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(directory / "published")
+    write_checkpoint(directory / "published", "300m")
     return load_hf_moe(str(directory / "published"), tasks=TASKS, dtype=torch.bfloat16)
 
 
