@@ -29,6 +29,10 @@ from ..tasks.metrics import write_text_atomic
 
 LATEST = "latest"
 RUN_INFO = "megamoe.json"
+# Format 2: under expert parallelism a rank's local experts are one stacked tensor per weight, so ZeRO's flat
+# optimizer partitions order them by weight, not by expert as format 1's 1-expert modules did. Same sizes:
+# DeepSpeed would load a format-1 optimizer state into the wrong experts without a word.
+FORMAT = 2
 
 
 class CheckpointError(RuntimeError):
@@ -140,7 +144,7 @@ class Checkpointer:
         local = {"rng": _rng_state(), **{name: obj.state_dict() for name, obj in self.rank_local.items()}}
         torch.save(local, tag_dir / f"megamoe_rank{rank:05d}.pt")
         if rank == 0:
-            info = {"step": step, "topology": vars(self.topology)}
+            info = {"step": step, "format": FORMAT, "topology": vars(self.topology)}
             (tag_dir / RUN_INFO).write_text(json.dumps(info, indent=2))
             if self.write_hf_files is not None:
                 self.write_hf_files(tag_dir / "hf")
@@ -160,6 +164,12 @@ class Checkpointer:
                 f"{tag_dir} was written with {saved}, this run has {self.topology}: resume with the same "
                 "number of ranks, expert_parallel_size and zero_stage (export it and start a new run with "
                 "model.init: pretrained to change them)"
+            )
+        if saved.expert_parallel_size > 1 and info.get("format", 1) < FORMAT:
+            raise CheckpointError(
+                f"{tag_dir} holds expert-parallel optimizer state in the layout of an older megamoe, which "
+                "this one cannot resume: export it (megamoe export) and start a new run from the export "
+                "with model.init: pretrained"
             )
         rank_file = tag_dir / f"megamoe_rank{dist.get_rank():05d}.pt"
         if not rank_file.is_file():

@@ -1,7 +1,10 @@
 """A few DeepSpeed steps of a tiny MegaMoE on a fixed global batch; run by test_expert_parallel.py.
 
-Under the deepspeed launcher each of the W ranks takes its 1/W of every global batch; a plain `python` run is
-the single-process reference. Writes ``losses.json`` (the global mean loss per step, from rank 0) and a
+Every global batch is two micro-batches of 4: under the deepspeed launcher with 2 ranks each rank takes one; a
+plain `python` run is the single-process reference, which takes both with gradient accumulation. Both then
+compute the same per-micro-batch router losses and capacities (a per-rank aux loss is a product of per-rank
+means, so a reference on the whole global batch would compute another loss). Steps alternate between two
+tasks. Writes ``losses.json`` (the global mean loss per step, from rank 0) and a
 checkpoint; the test exports the checkpoint and compares.
 """
 
@@ -20,24 +23,39 @@ from megamoe.tasks.objective import MultiTaskObjective
 from megamoe.tasks.weighting import build_weighting
 from tests.conftest import TASKS, tiny_config, tiny_hf_moe_config
 
-GLOBAL_BATCH, SEQ_LEN, VOCAB = 8, 12, 64  # VOCAB: tiny_config's vocabulary
+GLOBAL_BATCH, MICRO_BATCH, SEQ_LEN, VOCAB = 8, 4, 12, 64  # VOCAB: tiny_config's vocabulary
+TASK_NAMES = ("topic", "sentiment")
 
 
 def tiny_model(num_experts: int, backbone: str | None = None) -> MegaMoEForMultiTask:
     torch.manual_seed(0)
-    architecture: dict = {"num_experts": num_experts}
+    # MegaMoE's own layers with everything that touches routing on: router losses, a capacity that drops
+    # assignments (1.0 of top-2 over 4 experts), task-aware routing.
+    architecture: dict = {
+        "num_experts": num_experts,
+        "router_aux_loss_coef": 0.1,
+        "router_z_loss_coef": 0.01,
+        "capacity_factor": 1.0,
+        "task_aware_routing": True,
+    }
     if backbone is not None:  # an HF MoE architecture instead of MegaMoE's own layers
-        architecture = {"backbone": tiny_hf_moe_config(backbone).to_dict(), "classifier_pooling": "last"}
+        architecture = {
+            "backbone": tiny_hf_moe_config(backbone).to_dict(),
+            "classifier_pooling": "last",
+            "router_aux_loss_coef": 0.0,
+            "router_z_loss_coef": 0.0,
+        }
     config = tiny_config(
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
-        # Per-rank aux loss is a product of per-rank means: not comparable to one process's.
-        router_aux_loss_coef=0.0,
-        router_z_loss_coef=0.0,
-        tasks={"topic": TASKS["topic"]},
+        tasks={name: TASKS[name] for name in TASK_NAMES},
         **architecture,
     )
     return MegaMoEForMultiTask(config)
+
+
+def task_of(step: int) -> str:
+    return TASK_NAMES[step % len(TASK_NAMES)]
 
 
 def global_batch(step: int) -> dict[str, torch.Tensor]:
@@ -45,7 +63,7 @@ def global_batch(step: int) -> dict[str, torch.Tensor]:
     input_ids = torch.randint(1, VOCAB, (GLOBAL_BATCH, SEQ_LEN), generator=generator)
     lengths = torch.randint(3, SEQ_LEN + 1, (GLOBAL_BATCH,), generator=generator)
     attention_mask = (torch.arange(SEQ_LEN)[None, :] < lengths[:, None]).long()
-    labels = torch.randint(0, 3, (GLOBAL_BATCH,), generator=generator)
+    labels = torch.randint(0, 2, (GLOBAL_BATCH,), generator=generator)  # valid for both tasks
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
@@ -62,12 +80,17 @@ def main() -> None:
     args = parser.parse_args()
 
     world_size = launch_world_size()
+    accumulation = GLOBAL_BATCH // (MICRO_BATCH * world_size)
     train = TrainSection(
-        max_steps=args.steps, micro_batch_size=GLOBAL_BATCH // world_size, lr=1e-2, warmup_ratio=0.0
+        max_steps=args.steps,
+        micro_batch_size=MICRO_BATCH,
+        gradient_accumulation_steps=accumulation,
+        lr=1e-2,
+        warmup_ratio=0.0,
     )
     parallel = ParallelSection(expert_parallel_size=args.ep_size, zero_stage=args.zero_stage)
     model = tiny_model(args.num_experts, args.backbone)
-    objective = MultiTaskObjective(model, build_weighting("static", ["topic"]))
+    objective = MultiTaskObjective(model, build_weighting("static", list(TASK_NAMES)))
     engine = Engine(objective, deepspeed_config(train, parallel), expert_parallel_size=args.ep_size)
     rank = dist.get_rank()
     checkpointer = Checkpointer(
@@ -82,14 +105,17 @@ def main() -> None:
     losses, router_loads = [], []
     for step in range(first_step, args.steps + 1):
         batch = global_batch(step)
-        rows = slice(rank * train.micro_batch_size, (rank + 1) * train.micro_batch_size)
-        output = engine.train_step({"task": "topic", **{k: v[rows] for k, v in batch.items()}})
-        loss = output.loss.detach().clone()
+        loss, load = torch.zeros(()), torch.zeros((), dtype=torch.long)
+        for micro in range(accumulation):
+            first = (rank * accumulation + micro) * MICRO_BATCH
+            rows = slice(first, first + MICRO_BATCH)
+            output = engine.train_step({"task": task_of(step), **{k: v[rows] for k, v in batch.items()}})
+            loss = loss + output.loss.detach()
+            # Assignments per (MoE layer, expert): the routing the router stats saw.
+            load = load + torch.stack([stats.tokens_per_expert for stats in output.router_stats])
         dist.all_reduce(loss)
-        losses.append(loss.item() / world_size)
-        # Assignments per (MoE layer, expert) over the global batch: the routing the router stats saw.
-        load = torch.stack([stats.tokens_per_expert for stats in output.router_stats])
         dist.all_reduce(load)
+        losses.append(loss.item() / (world_size * accumulation))
         router_loads.append(load.tolist())
         if step in (args.save_at, args.steps):
             checkpointer.save(step)

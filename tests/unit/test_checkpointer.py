@@ -1,11 +1,13 @@
 """Checkpoints in one process (a real DeepSpeed engine, gloo, CPU): `latest` only ever names a complete one."""
 
+import json
+
 import pytest
 import torch
 
 from megamoe import MegaMoEForMultiTask
 from megamoe.checkpoint import resume
-from megamoe.checkpoint.resume import Checkpointer, Topology, resolve_checkpoint, tag_for
+from megamoe.checkpoint.resume import Checkpointer, CheckpointError, Topology, resolve_checkpoint, tag_for
 from megamoe.cli import main
 from megamoe.config import TrainSection
 from megamoe.engine.deepspeed_engine import Engine, deepspeed_config
@@ -230,3 +232,18 @@ def test_an_hf_moe_backbone_exports_in_its_fused_layout_and_computes_what_the_li
     with torch.no_grad():
         expected = model.eval()(ids, task="topic").logits
         torch.testing.assert_close(exported(ids, task="topic").logits, expected, rtol=0, atol=0)
+
+
+def test_resuming_an_expert_parallel_checkpoint_of_the_per_expert_optimizer_layout_is_refused(tmp_path):
+    """Format 1 (1-expert modules) orders ZeRO's flat optimizer partitions by expert, format 2 by stacked
+    weight: same sizes, so DeepSpeed would load it into the wrong experts."""
+    tag_dir = tmp_path / "checkpoints" / tag_for(3)
+    tag_dir.mkdir(parents=True)
+    (tmp_path / "checkpoints" / "latest").write_text(tag_for(3))
+    topology = Topology(world_size=2, expert_parallel_size=2, zero_stage=2)
+    (tag_dir / resume.RUN_INFO).write_text(json.dumps({"step": 3, "topology": vars(topology)}))
+    checkpointer = Checkpointer(
+        engine=None, directory=tmp_path / "checkpoints", topology=topology, rank_local={}
+    )
+    with pytest.raises(CheckpointError, match=r"layout of an older megamoe.*megamoe export"):
+        checkpointer.load(tmp_path)
