@@ -1,3 +1,5 @@
+from typing import ClassVar
+
 import pytest
 import torch
 
@@ -93,3 +95,17 @@ def tiny_hf_moe_config(model_type: str):
     from transformers import AutoConfig
 
     return AutoConfig.for_model(model_type, num_experts_per_tok=2, **_HF_MOE_SIZES, **HF_MOE_TINY[model_type])
+
+
+class DeviceReads(torch.Tensor):
+    """A tensor that counts reads of its values to the host (what waits for a GPU), and passes the count on
+    to every tensor computed from it."""
+
+    reads: ClassVar[list[str]] = []
+    READS: ClassVar[set[str]] = {"item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__"}
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", None) in cls.READS:
+            cls.reads.append(func.__name__)
+        return super().__torch_function__(func, types, args, kwargs or {})

@@ -3,7 +3,6 @@
 import itertools
 import json
 import re
-from typing import ClassVar
 
 import pytest
 import torch
@@ -22,7 +21,7 @@ from megamoe.engine.deepspeed_engine import (
     user_deepspeed_config_path,
 )
 from megamoe.engine.trainer import Trainer
-from tests.conftest import tiny_config
+from tests.conftest import DeviceReads, tiny_config
 
 
 def synthetic_batches(seed=0):
@@ -220,20 +219,6 @@ def test_run_logger_writes_means_over_the_interval_and_expert_load_histograms(tm
     histogram = events.Histograms("expert_load/moe_layer_0")[0].histogram_value
     assert (histogram.num, histogram.min, histogram.max) == (4, 0, 2), "3 tokens on expert 0, 1 on expert 2"
     assert not (tmp_path / "off").exists()
-
-
-class DeviceReads(torch.Tensor):
-    """A tensor that counts reads of its values to the host (what waits for a GPU), and passes the count on
-    to every tensor computed from it."""
-
-    reads: ClassVar[list[str]] = []
-    READS: ClassVar[set[str]] = {"item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__"}
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", None) in cls.READS:
-            cls.reads.append(func.__name__)
-        return super().__torch_function__(func, types, args, kwargs or {})
 
 
 def test_the_trainer_reads_the_device_once_per_logging_interval_and_records_every_micro_batch():

@@ -11,6 +11,7 @@ from megamoe.tasks.weighting import (
     UncertaintyWeighting,
     build_weighting,
 )
+from tests.conftest import DeviceReads
 
 TASKS = ["topic", "ner"]
 
@@ -70,3 +71,23 @@ def test_unknown_strategy():
         ValueError, match=r"unknown loss weighting 'gradnorm'; strategies: \['static', 'uncertainty', 'dwa'\]"
     ):
         build_weighting("gradnorm", TASKS)
+
+
+def test_dwa_reads_the_device_only_when_a_window_ends():
+    """Whether a window ends is counted on the host: no sync per micro-batch on a GPU."""
+    weighting = DynamicWeightAverage(TASKS, window_steps=3)
+    weighting.train()
+    for name, buffer in list(weighting.named_buffers()):
+        setattr(weighting, name, buffer.as_subclass(DeviceReads))
+    reads_per_step = []
+    for task, loss in [("topic", 2.0), ("ner", 1.0), ("topic", 1.0), ("ner", 3.0), ("topic", 5.0)]:
+        DeviceReads.reads.clear()
+        weighting(task, torch.tensor(loss).as_subclass(DeviceReads))
+        reads_per_step.append(len(DeviceReads.reads))
+    assert reads_per_step == [0, 0, 1, 0, 0], "one read (windows done) at the end of the 3-step window"
+    # Resumed from a checkpoint in mid-window, the host count starts from the loaded buffer.
+    restored = DynamicWeightAverage(TASKS, window_steps=3)
+    restored.train()
+    restored.load_state_dict(weighting.state_dict())
+    restored("ner", torch.tensor(1.0))
+    assert int(restored.steps_in_window) == 0 and int(restored.windows_done) == 2, "step 6 ended window 2"
