@@ -47,7 +47,8 @@ class TaskConfig:
     labels: list[str] | None = None
     """Label names in id order; `None` = inferred (sorted) from the training split."""
     weight: float = 1.0
-    """Static loss weight alpha_t (used by `loss_weighting: static`)."""
+    """Static loss weight alpha_t; only with `train.loss_weighting: static` (the adaptive weightings set
+    the weights themselves, so a weight beside them is refused rather than ignored)."""
     epochs: float = 1.0
     """With `data.sampling: epochs`, this task's share of micro-batches is ∝ epochs x train size: a run of
     sum_t(epochs_t x n_t) / batch steps passes over each task its own number of times."""
@@ -274,6 +275,13 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         _check(len(self.tasks) > 0, "tasks", "declare at least one task")
+        weighted = sorted(name for name, task in self.tasks.items() if task.weight != 1.0)
+        _check(
+            self.train.loss_weighting == "static" or not weighted,
+            f"tasks.{weighted[0] if weighted else ''}.weight",
+            f"a static loss weight, but train.loss_weighting is {self.train.loss_weighting!r}, which sets "
+            "the task weights itself: remove the weight, or use loss_weighting: static",
+        )
         _check(not Path(self.run_dir).is_file(), "run_dir", f"{self.run_dir} is a file; give a directory")
 
 

@@ -85,6 +85,15 @@ def test_dotted_overrides(tmp_path):
         (["checkpoint.keep_last=0"], "checkpoint.keep_last: must be >= 1, got 0"),
         (["train.lr=[1"], "override 'train.lr=[1': the value is not valid YAML"),
         (["run_dir=run.yaml"], "run_dir: run.yaml is a file; give a directory"),
+        (
+            ["train.loss_weighting=uncertainty"],
+            "tasks.ner.weight: a static loss weight, but train.loss_weighting is 'uncertainty', which sets "
+            "the task weights itself: remove the weight, or use loss_weighting: static",
+        ),
+        (
+            ["train.loss_weighting=dwa", "tasks.ner.weight=1", "tasks.topic.weight=0.5"],
+            "tasks.topic.weight: a static",
+        ),
     ],
 )
 def test_bad_values_name_the_field(tmp_path, overrides, message, monkeypatch):
