@@ -29,7 +29,8 @@ class TrainerCallback:
         self, trainer: "Trainer", step: int, records: Sequence["StepRecord"], tokens_per_s: float
     ) -> None:
         """Every ``log_every`` steps and at the last: the records of every micro-batch since the last log,
-        read from the device at once."""
+        read from the device at once. ``tokens_per_s``: real (attention-mask) tokens of every rank per second
+        since the fit started."""
 
     def on_step_end(self, trainer: "Trainer", step: int) -> None:
         """After every optimizer step (and its `on_log`)."""

@@ -45,7 +45,7 @@ class RunLogger:
             "train/aux_loss": mean(r.aux_loss for r in records),
             "train/z_loss": mean(r.z_loss for r in records),
             "train/lr": last.lr,
-            "train/tokens_per_s": tokens_per_s,
+            "train/real_tokens_per_s": tokens_per_s,
             "train/dropped_tokens": float(sum(r.dropped_tokens for r in records)),
         }
         for task in sorted({r.task for r in records}):

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .callbacks import TrainerCallback, is_due
@@ -116,6 +117,7 @@ class Trainer:
         """The last micro-batch's router statistics (device tensors)."""
         self._pending: list[_PendingRecord] = []
         self._logged = 0  # records of `history` already logged
+        self._device = torch.device("cpu")  # the engine's, seen on the first micro-batch's output
 
     def state_dict(self) -> dict[str, Any]:
         self._read_pending()  # a checkpoint holds every step's record
@@ -148,7 +150,9 @@ class Trainer:
                 tokens += self._micro_step(self.step)
             progress.update(1)
             if is_due(self.step, self.log_every) or self.step == self.max_steps:
-                self._log(progress, tokens / (time.perf_counter() - start))
+                # Every rank's real tokens (not padding): the job's throughput, not rank 0's.
+                all_ranks = _sum_over_ranks(tokens, self._device)
+                self._log(progress, all_ranks / (time.perf_counter() - start))
             for callback in self.callbacks:
                 callback.on_step_end(self, self.step)
         progress.close()
@@ -159,9 +163,9 @@ class Trainer:
         batch = next(self.batches)
         tokens = int(batch["attention_mask"].sum())  # the host's copy of the batch: no device read
         output = self.engine.train_step(batch)
-        self._pending.append(
-            _PendingRecord(step, batch["task"], self.engine.lr, tokens, _device_values(output))
-        )
+        values = _device_values(output)
+        self._device = values.device
+        self._pending.append(_PendingRecord(step, batch["task"], self.engine.lr, tokens, values))
         self.last_router_stats = output.router_stats
         for callback in self.callbacks:
             callback.on_micro_batch_end(self, batch)
@@ -199,7 +203,17 @@ class Trainer:
         if not window:
             return
         progress.set_postfix(
-            task=window[-1].task, loss=f"{window[-1].task_loss:.3f}", tok_s=f"{tokens_per_s:.0f}"
+            task=window[-1].task, loss=f"{window[-1].task_loss:.3f}", real_tok_s=f"{tokens_per_s:.0f}"
         )
         for callback in self.callbacks:
             callback.on_log(self, self.step, window, tokens_per_s)
+
+
+def _sum_over_ranks(count: int, device: torch.device) -> int:
+    """``count`` summed over every rank: one all-reduce per logging interval (every rank logs at the same
+    steps); ``count`` itself without a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return count
+    total = torch.tensor(count, dtype=torch.long, device=device)
+    dist.all_reduce(total)
+    return int(total)
