@@ -11,7 +11,6 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
-from pathlib import Path
 
 import deepspeed
 import torch
@@ -37,9 +36,9 @@ def init_distributed(timeout_minutes: float = 30.0) -> None:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     timeout = timedelta(minutes=timeout_minutes)
     set_default_group_timeout(timeout)
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, timeout=timeout)
     if backend == "gloo":  # only DeepSpeed's CPU accelerator has the shm all-reduce
-        _unlink_shared_memory_workspace()
+        _skip_deepspeed_shared_memory_op()
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, timeout=timeout)
 
 
 def set_default_group_timeout(timeout: timedelta) -> None:
@@ -75,18 +74,16 @@ def local_main_first() -> Iterator[None]:
         dist.barrier()
 
 
-def _unlink_shared_memory_workspace() -> None:
-    """Take this rank's DeepSpeed CPU all-reduce workspace out of /dev/shm once every rank has mapped it.
+def _skip_deepspeed_shared_memory_op() -> None:
+    """Keep DeepSpeed's CPU backend from compiling and starting its shared-memory all-reduce op.
 
-    When all ranks share one host, DeepSpeed's shm comm op creates a 64 MiB
-    ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`` per rank and never unlinks it, so every
-    run leaves them in RAM-backed tmpfs: a day of CPU runs piled up 22 GiB on a 24 GiB host and the OOM
-    killer took the next job's ranks. Every rank maps every peer's workspace before `deepspeed.init_distributed`
-    returns, so after a barrier the names can go: the mappings live until the processes exit, and a killed run
-    leaves nothing behind either.
+    DeepSpeed builds ``deepspeed_shm_comm`` with the C++ compiler when it joins a CPU process group (~55 s on a
+    fresh 2-core machine, cached after) and maps a 64 MiB ``/dev/shm`` workspace per rank that it never removes
+    (a day of CPU runs piled up 22 GiB in RAM-backed /dev/shm on a 24 GiB host). Only its
+    ``inference_all_reduce`` (tensor-parallel inference kernels) uses the op; training collectives go through
+    torch.distributed's gloo. DeepSpeed builds it only if its op table marks it compatible, and that table is
+    the only switch (private: tests/unit/test_distributed.py fails when it changes).
     """
-    if dist.get_world_size() > 1:
-        dist.barrier()
-    address, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
-    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{address}_{port}_{dist.get_rank()}"
-    Path("/dev/shm", name).unlink(missing_ok=True)
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False

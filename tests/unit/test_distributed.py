@@ -1,6 +1,7 @@
 """The process group's timeout reaches groups created without one (torch's module defaults, which
 `set_default_group_timeout` sets: the one place megamoe touches them)."""
 
+import os
 from datetime import timedelta
 
 import pytest
@@ -22,3 +23,27 @@ def test_new_group_without_a_timeout_gets_the_run_timeout(restore_torch_defaults
     assert distributed_c10d._get_default_timeout(backend) != timedelta(minutes=7)
     set_default_group_timeout(timedelta(minutes=7))
     assert distributed_c10d._get_default_timeout(backend) == timedelta(minutes=7)
+
+
+def test_joining_a_cpu_group_builds_no_deepspeed_shared_memory_op(tmp_path):
+    """DeepSpeed's shm all-reduce op (only its tensor-parallel inference uses it) is neither compiled (~55 s on
+    a fresh machine) nor started (a 64 MiB /dev/shm workspace per rank). Fails when DeepSpeed stops reading
+    the op table megamoe marks it incompatible in, or renames the op."""
+    import subprocess
+    import sys
+
+    program = (
+        "from deepspeed.comm import comm; from megamoe.engine.distributed import init_distributed; "
+        "init_distributed(); print('shm op:', comm.cdb.shm_comm_op)"
+    )
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions")}
+    env.pop("RANK", None)
+    done = subprocess.run(
+        [sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "shm op: None" in done.stdout
+    assert not list(tmp_path.glob("extensions/**/deepspeed_shm_comm*")), "nothing was compiled"
+    import deepspeed.ops.op_builder.cpu.comm as builders
+
+    assert builders.ShareMemCommBuilder.NAME == "deepspeed_shm_comm"
