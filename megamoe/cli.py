@@ -219,7 +219,7 @@ def push(args: argparse.Namespace) -> int:
     """
     from huggingface_hub.errors import HfHubHTTPError
 
-    from .checkpoint.hub import HubAuthError, push_to_hub
+    from .checkpoint.hub import HubAuthError, HubUnreachableError, push_to_hub
 
     try:
         result = push_to_hub(
@@ -233,6 +233,9 @@ def push(args: argparse.Namespace) -> int:
     except (FileNotFoundError, HubAuthError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except HubUnreachableError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except HfHubHTTPError as err:
         print(f"error: the Hub refused the push to {args.repo_id}: {err}", file=sys.stderr)
         return 1
