@@ -185,7 +185,7 @@ def _autoep_state_dict(
             raise CheckpointError(f"ds_to_universal could not consolidate {tag_dir}:\n{done.stderr[-2000:]}")
         state: dict[str, torch.Tensor] = {}
         for param_dir in sorted(p for p in (Path(universal) / "zero").iterdir() if p.is_dir()):
-            fp32 = _load(param_dir / "fp32.pt", weights_only=False)
+            fp32 = torch.load(param_dir / "fp32.pt", map_location="cpu", weights_only=False, mmap=True)
             state[param_dir.name] = fp32["param"] if isinstance(fp32, dict) else fp32
     # Non-expert parameters come back flat; the model states know their shapes, and hold the buffers.
     model_states = _load(_model_states_file(tag_dir), weights_only=False)
