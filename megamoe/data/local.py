@@ -74,15 +74,19 @@ def _read_conll(path: Path) -> _Split:
     return _Split(Dataset.from_dict(sentences), str(path), starts)
 
 
-def _csv_record_lines(path: Path) -> list[int]:
+def _csv_record_lines(path: Path) -> list[int] | None:
     """The line each data record of a CSV file starts on (a quoted field may span lines), without the header
-    and the blank or whitespace-only lines the CSV builder skips."""
+    and the blank or whitespace-only lines the CSV builder skips; None for a file the csv module cannot
+    split (a field over its size limit), which the builder may still read."""
     starts, end_of_previous = [], 0
     reader = csv.reader(line for _, line in utf8_lines(path))
-    for record in reader:
-        if len(record) > 1 or (record and record[0].strip()):
-            starts.append(end_of_previous + 1)
-        end_of_previous = reader.line_num
+    try:
+        for record in reader:
+            if len(record) > 1 or (record and record[0].strip()):
+                starts.append(end_of_previous + 1)
+            end_of_previous = reader.line_num
+    except csv.Error:
+        return None
     return starts[1:]
 
 
@@ -100,7 +104,7 @@ def _read_file(path: Path, task_type: str) -> _Split:
         empty = not lines
     elif suffix == ".csv":
         lines = _csv_record_lines(path)
-        empty = not lines
+        empty = lines == []
     else:  # a .json file may be one JSON document over many lines: its rows have no line of their own
         lines, empty = None, not any(line.strip() for _, line in utf8_lines(path))
     if empty:

@@ -255,6 +255,15 @@ def test_an_unknown_label_is_named_by_its_line_in_the_file_not_its_row_after_the
     assert sum(len(split) for split in splits.values()) == 40
 
 
+def test_a_csv_the_csv_module_cannot_split_names_rows_instead_of_lines(tmp_path):
+    path = tmp_path / "train.csv"
+    long_text = "word " * 30_000  # a field over the csv module's size limit (128 KiB); pandas reads it
+    path.write_text(f"text,label\nshort,pos\n{long_text},neutral\n")
+    with pytest.raises(LabelError) as raised:
+        load_task_dataset(str(path), task_type="sequence_classification", labels=["neg", "pos"])
+    assert str(raised.value).startswith(f"{path}, column 'label', row 2: unknown label 'neutral'")
+
+
 @pytest.mark.parametrize(
     ("name", "content", "where"),
     [
