@@ -88,7 +88,7 @@ def train(args: argparse.Namespace) -> int:
 
     from .checkpoint.resume import CheckpointError
     from .config import ConfigError, load_config
-    from .data.local import DataError
+    from .data.text_files import DataError
     from .data.tokenization import LabelError
     from .engine.deepspeed_engine import TopologyError
     from .train import run
@@ -171,6 +171,7 @@ def predict(args: argparse.Namespace) -> int:
 
     from tqdm.auto import tqdm
 
+    from .data.text_files import DataError, json_lines
     from .predict import MultiTaskPredictor
 
     if bool(args.texts) == bool(args.file):
@@ -179,24 +180,15 @@ def predict(args: argparse.Namespace) -> int:
     texts = list(args.texts)
     if args.file:
         try:
-            with open(args.file) as lines:
-                rows = [
-                    (number, json.loads(line)) for number, line in enumerate(lines, start=1) if line.strip()
-                ]
-        except (OSError, json.JSONDecodeError) as err:
-            print(
-                f"error: {args.file}: expected JSON lines with a {args.text_key!r} field: {err}",
-                file=sys.stderr,
-            )
+            rows = list(json_lines(Path(args.file)))
+        except (OSError, DataError) as err:
+            print(f"error: {err} (--file takes JSON lines with a {args.text_key!r} field)", file=sys.stderr)
             return 2
         texts = []
         for number, row in rows:
             text = row.get(args.text_key) if isinstance(row, dict) else None
             if not isinstance(text, str):
-                print(
-                    f"error: {args.file} line {number}: no {args.text_key!r} string in {row!r}",
-                    file=sys.stderr,
-                )
+                print(f"error: {args.file}:{number}: no {args.text_key!r} string in {row!r}", file=sys.stderr)
                 return 2
             texts.append(text)
         if not texts:
@@ -227,7 +219,7 @@ def push(args: argparse.Namespace) -> int:
     """
     from huggingface_hub.errors import HfHubHTTPError
 
-    from .checkpoint.hub import HubAuthError, push_to_hub
+    from .checkpoint.hub import HubAuthError, HubUnreachableError, push_to_hub
 
     try:
         result = push_to_hub(
@@ -241,6 +233,9 @@ def push(args: argparse.Namespace) -> int:
     except (FileNotFoundError, HubAuthError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except HubUnreachableError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except HfHubHTTPError as err:
         print(f"error: the Hub refused the push to {args.repo_id}: {err}", file=sys.stderr)
         return 1

@@ -1,5 +1,5 @@
-"""`megamoe train`: process group → config checks → data → model → engine → batches → trainer.fit() →
-evaluate → save.
+"""`megamoe train`: run directory checks → process group → config checks → data → model → engine → batches →
+trainer.fit() → evaluate → save.
 
 One visible build sequence; every piece is built here and handed to the next. The process group comes first
 (torchtitan's and OLMo-core's order): ZeRO-3 builds the model partitioned, and each node prepares its data
@@ -39,6 +39,7 @@ from .engine.memory_report import memory_line
 from .engine.run_logger import RunLogger
 from .engine.trainer import StepRecord, Trainer
 from .model import MegaMoEConfig
+from .run_dir import check_run_dir
 from .sources import BuildOptions, build_model, declared_model_config
 from .sources.builtin_models import resolve_model_source
 from .tasks.evaluation import evaluate
@@ -94,6 +95,9 @@ def run(
     run_dir = Path(config.run_dir)
     if resume is not None:  # a missing checkpoint is an error now, not after the model is built
         resume = resolve_checkpoint(resume)
+    # So is a run directory that cannot be written, or that holds another run: on every rank, before any
+    # waits for the others.
+    check_run_dir(run_dir, resuming=resume is not None)
     # 0. Join the process group first, with the run's timeout: ZeRO-3 builds the model partitioned, and the
     #    builtin data and models are prepared once per node while the node's other ranks wait.
     parallel = config.parallel

@@ -8,11 +8,14 @@ checkpoint conversion instead. No process group is needed: it reads files.
 
 import math
 import os
+import pickle
+import shutil
 import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import init_empty_weights
@@ -93,14 +96,50 @@ def consolidated_state_dict(
         lazy = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name, lazy_mode=True)
         module = {name: _in_dtype(value.contiguous(), dtype, memory) for name, value in lazy.items()}
     else:
-        states = torch.load(
-            tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False, mmap=True
-        )
-        module = dict(states["module"])
+        module = dict(_load(tag_dir / "mp_rank_00_model_states.pt", weights_only=False)["module"])
     # Memory-mapped: the files' pages, not a second copy; only the stacked experts are new memory, `memory`'s.
-    for expert_file in sorted(tag_dir.glob("layer_*_expert_*_model_states.pt")):
-        module.update(torch.load(expert_file, map_location="cpu", weights_only=True, mmap=True))
+    for expert_file in _expert_files(tag_dir, config, topology["expert_parallel_size"]):
+        module.update(_load(expert_file, weights_only=True))
     return unshard_expert_state_dict(module, empty=memory.empty)
+
+
+def _load(path: Path, *, weights_only: bool) -> Any:
+    """``torch.load`` of a checkpoint file, memory-mapped; a file it cannot read is a `CheckpointError`
+    naming it (torch's own error names no file)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
+    except FileNotFoundError:
+        raise  # not damaged but absent: `megamoe export` says the checkpoint is incomplete
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(
+            f"{path} is truncated or damaged ({reason}): export an earlier step_<n> directory of "
+            f"{path.parent.parent}"
+        ) from None
+
+
+def _expert_files(tag_dir: Path, config: MegaMoEConfig, expert_parallel_size: int) -> list[Path]:
+    """The files DeepSpeed writes for experts sharded over EP ranks, one per MoE layer and global expert
+    (``layer_<l>_expert_<g>_mp_rank_00_model_states.pt``, by whichever rank held it); unsharded experts are
+    in the model states. Every one is checked for before any is read: without one, the stacked experts would
+    come out short or mis-numbered."""
+    if expert_parallel_size == 1:
+        return []
+    expected = [
+        tag_dir / f"layer_{layer}_expert_{expert}_mp_rank_00_model_states.pt"
+        for layer in range(len(config.moe_layers()))
+        for expert in range(config.num_experts)
+    ]
+    missing = [path.name for path in expected if not path.is_file()]
+    if missing:
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        raise CheckpointError(
+            f"{tag_dir} is incomplete: {len(missing)} of its {len(expected)} expert files are missing "
+            f"({shown}); each of its {len(config.moe_layers())} MoE layers has experts "
+            f"0..{config.num_experts - 1}, one file each, written by the rank that held it: copy the missing "
+            "files from that rank's node, or export an earlier checkpoint"
+        )
+    return expected
 
 
 def _model_states_file(tag_dir: Path) -> Path:
@@ -110,7 +149,7 @@ def _model_states_file(tag_dir: Path) -> Path:
 
 def _module_dtype(tag_dir: Path) -> torch.dtype:
     """The dtype the run's module computed in, from the DeepSpeed config saved with its model states."""
-    states = torch.load(_model_states_file(tag_dir), map_location="cpu", weights_only=False, mmap=True)
+    states = _load(_model_states_file(tag_dir), weights_only=False)
     ds_config = states["ds_config"]
     if ds_config.get("bf16", {}).get("enabled"):
         return torch.bfloat16
@@ -149,7 +188,7 @@ def _autoep_state_dict(
             fp32 = torch.load(param_dir / "fp32.pt", map_location="cpu", weights_only=False, mmap=True)
             state[param_dir.name] = fp32["param"] if isinstance(fp32, dict) else fp32
     # Non-expert parameters come back flat; the model states know their shapes, and hold the buffers.
-    model_states = torch.load(_model_states_file(tag_dir), map_location="cpu", weights_only=False, mmap=True)
+    model_states = _load(_model_states_file(tag_dir), weights_only=False)
     shapes = {name: shape for group in model_states["param_shapes"] for name, shape in group.items()}
     for name, value in state.items():
         if value.dim() == 1 and name in shapes and len(shapes[name]) > 1:
@@ -213,7 +252,15 @@ def export_weights(path: str | Path, out_dir: str | Path, *, max_shard_size: str
 
 
 def export_checkpoint(path: str | Path, out_dir: str | Path, *, max_shard_size: str | int = "5GB") -> Path:
-    """`export_weights`, and the run's tokenizer beside them: the directory `megamoe export` writes."""
-    out = export_weights(path, out_dir, max_shard_size=max_shard_size)
-    AutoTokenizer.from_pretrained(resolve_checkpoint(path) / "hf").save_pretrained(out)
+    """`export_weights`, and the run's tokenizer beside them: the directory `megamoe export` writes. An
+    export that fails leaves no ``out_dir`` behind (one that existed before is left as it was)."""
+    out_dir = Path(out_dir)
+    created = not out_dir.exists()
+    try:
+        out = export_weights(path, out_dir, max_shard_size=max_shard_size)
+        AutoTokenizer.from_pretrained(resolve_checkpoint(path) / "hf").save_pretrained(out)
+    except BaseException:
+        if created:  # not a directory that looks like a model but is not one
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     return out

@@ -23,9 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import HfApi, get_token
-from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
 from .model_card import PLOT_FILENAME, save_model_card
+
+try:  # the HTTP client's error for a server that cannot be reached: httpx2 (huggingface_hub 2), else httpx
+    from httpx2 import TransportError
+except ImportError:
+    from httpx import TransportError  # type: ignore[no-redef]
 
 DEFAULT_BRANCH = "main"
 _GENERATED = {"README.md", PLOT_FILENAME}
@@ -33,6 +38,10 @@ _GENERATED = {"README.md", PLOT_FILENAME}
 
 class HubAuthError(RuntimeError):
     """No Hugging Face token was found, or the Hub rejected it (HTTP 401 / 403)."""
+
+
+class HubUnreachableError(ConnectionError):
+    """The Hub did not answer: no network, a wrong ``HF_ENDPOINT``, a proxy, or offline mode."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +104,7 @@ def push_to_hub(
         ValueError: ``create_pr`` with a ``revision`` other than ``main`` (a pull request targets ``main``),
             or a card the Hub's metadata validation rejects.
         HubAuthError: no token, or the Hub rejected it.
+        HubUnreachableError: the Hub could not be reached.
         huggingface_hub.errors.HfHubHTTPError: any other Hub error.
     """
     model_dir = Path(model_dir)
@@ -111,7 +121,7 @@ def push_to_hub(
         )
     api = HfApi(token=token)
     if "/" not in repo_id:
-        with _auth_errors(repo_id):
+        with _hub_errors(api, repo_id):
             repo_id = f"{api.whoami()['name']}/{repo_id}"
     branch = revision or DEFAULT_BRANCH
 
@@ -121,7 +131,7 @@ def push_to_hub(
         _link_tree(model_dir, staging)
         save_model_card(model_dir, out_dir=staging, repo_id=repo_id, **card_kwargs)
 
-        with _auth_errors(repo_id):
+        with _hub_errors(api, repo_id):
             # 2. The repo: create it, or learn that it existed (the Hub then ignores `private`).
             repo_existed = _create_repo(api, repo_id, private)
             # 3. The branch: the Hub does not create one on commit.
@@ -198,10 +208,17 @@ def _create_repo(api: HfApi, repo_id: str, private: bool | None) -> bool:
 
 
 @contextmanager
-def _auth_errors(repo_id: str) -> Iterator[None]:
-    """Turn the Hub's 401 / 403 answers into `HubAuthError` (its message never holds the token)."""
+def _hub_errors(api: HfApi, repo_id: str) -> Iterator[None]:
+    """Turn the Hub's 401 / 403 answers into `HubAuthError` and no answer at all into `HubUnreachableError`
+    (neither message holds the token: it travels in a header, which errors do not show)."""
     try:
         yield
+    except (TransportError, OfflineModeIsEnabled) as err:
+        raise HubUnreachableError(
+            f"cannot reach the Hub at {api.endpoint} to push {repo_id} ({type(err).__name__}: {err}); nothing "
+            "was uploaded: check the network connection (and HF_ENDPOINT, a proxy, HF_HUB_OFFLINE), then run "
+            "the push again"
+        ) from None
     except HfHubHTTPError as err:
         status = err.response.status_code if err.response is not None else None
         if status not in (401, 403):

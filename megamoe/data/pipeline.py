@@ -63,6 +63,7 @@ def prepare_task_data(config: ExperimentConfig, tokenizer: PreTrainedTokenizerBa
             label_column=task.label_column,
             tokens_column=task.tokens_column,
             tags_column=task.tags_column,
+            labels=task.labels,
             cache_dir=config.data.cache_dir,
         )
         labels = None if task.type == "sequence_regression" else task.labels or infer_labels(raw, task)

@@ -60,6 +60,19 @@ def label_to_id(label: Any, label_index: dict[str, int], *, where: str) -> int:
     return label_index[label]
 
 
+def word_label_ids(
+    words: Sequence[str], tags: Sequence[Any], label_index: dict[str, int], *, where: str
+) -> list[int]:
+    """The label id of each word from its tag; a tag count that is not the word count, or a tag the task does
+    not know, is a `LabelError` naming the word (1-based)."""
+    if len(words) != len(tags):
+        raise LabelError(f"{where}: {len(words)} words but {len(tags)} tags")
+    return [
+        label_to_id(tag, label_index, where=f"{where}, word {j} ({word!r})")
+        for j, (word, tag) in enumerate(zip(words, tags, strict=True), start=1)
+    ]
+
+
 def begin_to_inside(label_list: Sequence[str]) -> list[int]:
     """For each label id, the id a word's continuation sub-tokens get: ``B-X`` → ``I-X`` (itself otherwise)."""
     index = {label: i for i, label in enumerate(label_list)}
@@ -163,16 +176,10 @@ def tokenize_token_batch(
         label_index = {label: i for i, label in enumerate(label_list)}
         result["labels"] = []
         for i, (row, words, tags) in enumerate(zip(indices, batch["tokens"], batch["tags"], strict=True)):
-            if len(words) != len(tags):
-                raise LabelError(f"{where}, row {row}: {len(words)} words but {len(tags)} tags")
-            word_label_ids = [
-                label_to_id(tag, label_index, where=f"{where}, row {row}, word {j} ({words[j]!r})")
-                for j, tag in enumerate(tags)
-            ]
             result["labels"].append(
                 align_word_labels(
                     encoded.word_ids(i),
-                    word_label_ids,
+                    word_label_ids(words, tags, label_index, where=f"{where}, row {row}"),
                     label_all_subtokens=label_all_subtokens,
                     continuation_ids=continuation,
                 )

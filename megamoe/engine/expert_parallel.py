@@ -193,7 +193,7 @@ def unshard_expert_state_dict(
     for key, by_id in stacked.items():
         ids = sorted(by_id)
         if ids != list(range(len(ids))):
-            raise ValueError(f"{key}: experts {ids} found, expected 0..{len(ids) - 1}; is a shard missing?")
+            raise ValueError(f"{key}: experts {ids} found, expected 0..{ids[-1]}; is a shard missing?")
         parts = [by_id[i] for i in ids]
         stacked_shape = (sum(part.shape[0] for part in parts), *parts[0].shape[1:])
         merged[key] = torch.cat(parts, out=empty(stacked_shape, parts[0].dtype))

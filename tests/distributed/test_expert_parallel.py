@@ -6,6 +6,7 @@ the checkpoint's export must hold what the live, sharded model computed.
 """
 
 import json
+import shutil
 
 import pytest
 
@@ -67,6 +68,31 @@ def test_each_rank_holds_half_the_experts(reference, ep2_zero2):
 
 def test_export_holds_what_the_live_sharded_model_computed(ep2_zero2):
     live_logits_match_export(ep2_zero2)
+
+
+def test_export_names_missing_and_truncated_expert_files(ep2_zero2, tmp_path, capsys):
+    from megamoe.cli import main
+
+    tag = tmp_path / "step_00000004"
+    shutil.copytree(ep2_zero2 / "checkpoints" / tag.name, tag)
+    out = tmp_path / "exported"
+    # The last expert of a layer too: stacking what is there would not notice that one is gone.
+    missing = ["layer_0_expert_1_mp_rank_00_model_states.pt", "layer_1_expert_3_mp_rank_00_model_states.pt"]
+    for name in missing:
+        (tag / name).rename(tmp_path / name)
+    assert main(["export", str(tag), str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {tag} is incomplete: 2 of its 8 expert files are missing ({', '.join(missing)}); each of "
+        "its 2 MoE layers has experts 0..3, one file each, written by the rank that held it: copy the missing "
+        "files from that rank's node, or export an earlier checkpoint\n"
+    )
+    for name in missing:
+        (tmp_path / name).rename(tag / name)
+    damaged = tag / missing[1]
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    assert main(["export", str(tag), str(out)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {damaged} is truncated or damaged (")
+    assert not out.exists()
 
 
 def test_resume_continues_exactly(ep2_zero2, tmp_path):

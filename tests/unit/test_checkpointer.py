@@ -114,6 +114,17 @@ def test_export_of_a_checkpoint_missing_a_file_says_it_is_incomplete(tmp_path, c
     assert "error: the checkpoint is incomplete: " in err and "mp_rank_00_model_states.pt is missing" in err
 
 
+def test_export_of_a_truncated_checkpoint_file_names_it_and_writes_nothing(tmp_path, capsys):
+    checkpointer, _ = make_checkpointer(tmp_path, keep_last=1)
+    states = checkpointer.save(1) / "mp_rank_00_model_states.pt"
+    states.write_bytes(states.read_bytes()[: states.stat().st_size // 2])  # a copy cut off halfway
+    assert main(["export", str(tmp_path), str(tmp_path / "exported")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {states} is truncated or damaged (")
+    assert err.rstrip().endswith(f"export an earlier step_<n> directory of {tmp_path / 'checkpoints'}")
+    assert not (tmp_path / "exported").exists(), "no half-written model directory"
+
+
 def test_export_writes_sharded_safetensors_that_compute_what_the_live_model_computed(tmp_path):
     import json
 

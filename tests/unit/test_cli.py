@@ -73,6 +73,25 @@ def test_train_answers_a_bad_model_or_source_with_an_error_line(tmp_path, capsys
     assert not (tmp_path / "run").exists(), "refused before any work"
 
 
+def test_train_names_an_undeclared_label_by_its_line_in_the_file(tmp_path, capsys):
+    data = tmp_path / "topic.csv"
+    data.write_text(
+        "text,label\n" + "".join(f"text {i},{'a' if i % 2 else 'b'}\n" for i in range(30)) + "x,c\n"
+    )
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"run_dir: {tmp_path / 'run'}\n"
+        f"model: {{init: upcycle, base: {MINILM}}}\n"
+        f"tasks: {{topic: {{type: sequence_classification, source: {data}, labels: [a, b]}}}}\n"
+    )
+    assert main(["train", str(config)]) == 2
+    # The last line: the datasets library's progress bars precede it.
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: {data}, column 'label', line 32: unknown label 'c'; known labels: ['a', 'b']"
+    )
+    assert not (tmp_path / "run").exists(), "refused before any work"
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

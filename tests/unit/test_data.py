@@ -9,8 +9,9 @@ from datasets import Dataset, DatasetDict
 
 from megamoe.config import TaskConfig
 from megamoe.data.builtin import BUILTIN_DATASETS, cache_root, load_builtin, prepare_builtin
-from megamoe.data.local import DataError, load_task_dataset
+from megamoe.data.local import load_task_dataset
 from megamoe.data.pipeline import infer_labels
+from megamoe.data.text_files import DataError
 from megamoe.data.tokenization import LabelError
 
 WNUT_TYPES = {
@@ -169,26 +170,31 @@ def test_bad_sources_are_clear_errors(tmp_path):
             "sequence_classification",
             "a.csv",
             "text,label\nfine,pos\n,neg\n",
-            "column 'text', row 2: None is not a string",
+            "a.csv, column 'text', line 3: None is not a string",
         ),
         (
             "sequence_classification",
             "a.csv",
             "text,label\nfine,pos\nbad,\n",
-            "column 'label', row 2: None is not a label",
+            "a.csv, column 'label', line 3: None is not a label",
         ),
-        ("sequence_regression", "a.csv", "text,label\nfine,0.5\nbad,high\n", "row 2: 'high' is not a number"),
+        (
+            "sequence_regression",
+            "a.csv",
+            "text,label\nfine,0.5\nbad,high\n",
+            "a.csv, column 'label', line 3: 'high' is not a number",
+        ),
         (
             "token_classification",
             "a.jsonl",
             '{"tokens": "Paris", "tags": "B-LOC"}\n',
-            "row 1: 'Paris' is not a list of words",
+            "a.jsonl, column 'tokens', line 1: 'Paris' is not a list of words",
         ),
         (
             "token_classification",
             "a.jsonl",
             '{"tokens": ["Paris"], "tags": null}\n',
-            "row 1: None is not a list of tags",
+            "a.jsonl, column 'tags', line 1: None is not a list of tags",
         ),
     ],
 )
@@ -197,6 +203,87 @@ def test_values_a_task_cannot_use_name_the_column_and_row(tmp_path, task_type, n
     path.write_text(content)
     with pytest.raises(DataError, match=re.escape(message)):
         load_task_dataset(str(path), task_type=task_type)
+
+
+@pytest.mark.parametrize(
+    ("name", "task_type", "lines"),
+    [
+        ("train.csv", "sequence_classification", [b"text,label", b"fine,pos", b"caf\xe9,neg"]),
+        (
+            "train.jsonl",
+            "sequence_classification",
+            [b'{"text": "fine", "label": "pos"}', b'{"text": "caf\xe9"}'],
+        ),
+        ("train.conll", "token_classification", [b"Paris B-LOC", b"", b"caf\xe9 O"]),
+    ],
+)
+def test_a_file_that_is_not_utf8_is_named_with_its_line_and_byte_offset(tmp_path, name, task_type, lines):
+    path = tmp_path / name
+    content = b"\n".join(lines) + b"\n"
+    path.write_bytes(content)
+    with pytest.raises(DataError) as raised:
+        load_task_dataset(str(path), task_type=task_type)
+    offset = content.index(b"\xe9")
+    assert str(raised.value) == (
+        f"{path}:{len(lines)}: not UTF-8 text (byte 0xe9 at byte offset {offset}); save the file as UTF-8"
+    )
+
+
+def test_a_broken_jsonl_line_is_named_by_its_line(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"text": "a", "label": "x"}\n\n{"text": "b", "label": "y"}\n{"text": "c", "label": \n')
+    with pytest.raises(DataError) as raised:
+        load_task_dataset(str(path), task_type="sequence_classification")
+    assert str(raised.value) == f"{path}:4: not JSON (Expecting value, column 24)"
+
+
+def test_an_unknown_label_is_named_by_its_line_in_the_file_not_its_row_after_the_split(tmp_path):
+    rows = [f"sentence {i},{'pos' if i % 2 else 'neg'}" for i in range(40)]
+    rows[1] = '"a review\nover two lines",pos'
+    rows[30] = "sentence 30,neutral"  # line 33: the header, 30 rows before it, one of them on two lines
+    path = tmp_path / "train.csv"
+    path.write_text("text,label\n" + "\n".join(rows) + "\n")
+    with pytest.raises(LabelError) as raised:
+        load_task_dataset(str(path), task_type="sequence_classification", labels=["neg", "pos"])
+    assert str(raised.value) == (
+        f"{path}, column 'label', line 33: unknown label 'neutral'; known labels: ['neg', 'pos']"
+    )
+    # Declared labels that every row has: loaded and split as before.
+    rows[30] = "sentence 30,pos"
+    path.write_text("text,label\n" + "\n".join(rows) + "\n")
+    splits = load_task_dataset(str(path), task_type="sequence_classification", labels=["neg", "pos"])
+    assert sum(len(split) for split in splits.values()) == 40
+
+
+def test_a_csv_the_csv_module_cannot_split_names_rows_instead_of_lines(tmp_path):
+    path = tmp_path / "train.csv"
+    long_text = "word " * 30_000  # a field over the csv module's size limit (128 KiB); pandas reads it
+    path.write_text(f"text,label\nshort,pos\n{long_text},neutral\n")
+    with pytest.raises(LabelError) as raised:
+        load_task_dataset(str(path), task_type="sequence_classification", labels=["neg", "pos"])
+    assert str(raised.value).startswith(f"{path}, column 'label', row 2: unknown label 'neutral'")
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "where"),
+    [
+        ("ner.conll", "EU B-ORG\n\nParis B-LOC\nrocks B-MISC\n", "line 3, word 2 ('rocks')"),
+        (
+            "ner.jsonl",
+            '{"tokens": ["EU"], "tags": ["B-ORG"]}\n\n{"tokens": ["Paris", "rocks"], "tags": ["B-LOC", "B-MISC"]}\n',
+            "line 3, word 2 ('rocks')",
+        ),
+    ],
+)
+def test_an_unknown_tag_is_named_by_its_line_and_word(tmp_path, name, content, where):
+    path = tmp_path / name
+    path.write_text(content)
+    labels = ["O", "B-LOC", "I-LOC", "B-ORG", "I-ORG"]
+    with pytest.raises(LabelError) as raised:
+        load_task_dataset(str(path), task_type="token_classification", labels=labels)
+    assert (
+        str(raised.value) == f"{path}, column 'tags', {where}: unknown label 'B-MISC'; known labels: {labels}"
+    )
 
 
 def test_missing_sources_say_what_a_source_can_be(tmp_path):

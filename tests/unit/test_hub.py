@@ -315,3 +315,22 @@ def test_cli_push_prints_the_url_and_when_private_was_ignored(hub, run_dir, monk
     assert main(["push", model_dir, "alice/cli-moe", "--create-pr", "--base-model", "org/base"]) == 0
     assert capsys.readouterr().out.strip() == f"opened pull request {hub.url}/alice/cli-moe/discussions/1"
     assert TOKEN not in out
+
+
+@pytest.mark.parametrize("repo_id", ["alice/offline-moe", "offline-moe"])
+def test_cli_push_without_network_is_one_line_without_the_token(run_dir, monkeypatch, capsys, repo_id):
+    from megamoe.cli import main
+
+    monkeypatch.setattr(hf_constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: nobody answers
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    model_dir = run_dir / "model"
+    before = sorted(model_dir.rglob("*"))
+    assert main(["push", str(model_dir), repo_id]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1
+    assert captured.err.startswith(
+        f"error: cannot reach the Hub at http://127.0.0.1:9 to push {repo_id} (ConnectError: "
+    )
+    assert "nothing was uploaded: check the network connection" in captured.err
+    assert TOKEN not in captured.err
+    assert sorted(model_dir.rglob("*")) == before

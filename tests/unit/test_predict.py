@@ -142,7 +142,31 @@ def test_predict_file_lines_without_a_text_are_named(model_dir, tmp_path, capsys
     inputs = tmp_path / "in.jsonl"
     inputs.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"text": None}) + "\n")
     assert main(["predict", str(model_dir), "--task", "ner", "--file", str(inputs)]) == 2
-    assert f"{inputs} line 2: no 'text' string in {{'text': None}}" in capsys.readouterr().err
+    assert f"{inputs}:2: no 'text' string in {{'text': None}}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("third_line", "message"),
+    [
+        (b'{"text": "three" oops}', "{file}:3: not JSON (Expecting ',' delimiter, column 18)"),
+        (
+            b'{"text": "caf\xe9"}',
+            "{file}:3: not UTF-8 text (byte 0xe9 at byte offset 30); save the file as UTF-8",
+        ),
+    ],
+)
+def test_predict_file_errors_name_the_line_and_print_no_prediction(
+    model_dir, tmp_path, capsys, third_line, message
+):
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_bytes(b'{"text": "one"}\n\n' + third_line + b"\n")
+    assert main(["predict", str(model_dir), "--task", "ner", "--file", str(inputs)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert (
+        captured.err
+        == f"error: {message.format(file=inputs)} (--file takes JSON lines with a 'text' field)\n"
+    )
 
 
 def test_predict_of_an_empty_file_says_there_is_nothing_to_do(model_dir, tmp_path, capsys):

@@ -117,7 +117,7 @@ def test_truncated_words_come_back_as_none(tokenizer):
 def test_unknown_tag_names_row_and_known_labels(tokenizer):
     batch = {"tokens": [["a"], ["b", "c"]], "tags": [["O"], ["O", "B-PER"]]}
     with pytest.raises(
-        LabelError, match=r"ner/train, row 41, word 1 \('c'\): unknown label 'B-PER'; known labels: \['O'"
+        LabelError, match=r"ner/train, row 41, word 2 \('c'\): unknown label 'B-PER'; known labels: \['O'"
     ):
         tokenize_token_batch(batch, [40, 41], tokenizer, max_length=16, label_list=TAGS, where="ner/train")
 
