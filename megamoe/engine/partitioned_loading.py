@@ -1,16 +1,19 @@
 """Building and loading HF-style models so that, under ZeRO-3, no rank holds the whole model: built
-partitioned (`deepspeed.zero.Init`), then filled one checkpoint layer at a time, read by rank 0 only and
-scattered by DeepSpeed into every rank's partition. Outside ZeRO-3, transformers' own `from_pretrained`.
+partitioned (`deepspeed.zero.Init`), then filled one conversion group of a layer at a time, read by rank 0
+only and scattered into every rank's partition. Outside ZeRO-3, transformers' own `from_pretrained`.
 
 The transformers internals this needs (`_from_config`, the weight conversion of a state dict, the
 `_is_hf_initialized` flag) are used here only; tests/unit/test_partitioned_loading.py fails when they change.
+So is DeepSpeed's partition layout (`_scatter_into_partition`), tested by
+tests/distributed/test_partitioned_loading.py.
 
 transformers' own ZeRO-3 ``from_pretrained`` has every rank read the whole checkpoint and convert it (the
 published per-expert tensors become fused ``[E, ...]`` ones) before rank 0 copies it in: while it loads, each
 rank holds about a full copy, ~61 GB per rank for Qwen3-30B-A3B, eight of them per node (bench/load_memory.py
-measures it at small scale). Here rank 0 holds one layer (as read and as converted), every other rank the
-one parameter being scattered, on top of its partition. The conversion itself is transformers' (its
-conversion mapping for the model type), applied per layer.
+measures it at small scale). Here rank 0 holds one conversion group (as read and as converted) on top of
+its partition, and sends every other rank its own slice of each parameter, straight into its partition: the
+load gathers no parameter on any rank. The conversion itself is transformers' (its conversion mapping
+for the model type), applied per group.
 """
 
 import json
@@ -19,9 +22,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from safetensors import safe_open
 from transformers import MODEL_MAPPING, AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.conversion_mapping import get_model_conversion_mapping
@@ -112,9 +115,9 @@ def load_pretrained(
         converted = _apply_weight_conversions_to_state_dict(
             model, _read(keys, weight_map, real=dist.get_rank() == 0), conversions
         )
-        for name in sorted(converted):
-            copy_into_partition(model, name, converted[name])
         loaded.update(converted)
+        for name in sorted(converted):  # each dropped once scattered: rank 0 holds one less at every step
+            copy_into_partition(model, name, converted.pop(name))
     missing = sorted(name for name in expected - loaded if not name.startswith(may_lack))
     if missing:
         raise ValueError(f"{source} has no weights for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
@@ -173,12 +176,41 @@ def copy_into_partition(model: PreTrainedModel, name: str, value: torch.Tensor) 
             target.copy_(value)
         return
     if isinstance(target, torch.nn.Parameter):
-        # Gathered in full on every rank for the copy, then re-partitioned from rank 0's data.
-        with deepspeed.zero.GatheredParameters([target], modifier_rank=0), torch.no_grad():
-            if dist.get_rank() == 0:
-                target.data.copy_(value)
+        _scatter_into_partition(target, value)
         return
     with torch.no_grad():  # buffers are not partitioned: every rank holds the whole of it
         if dist.get_rank() == 0:
             target.copy_(value)
         dist.broadcast(target, src=0)
+
+
+def _scatter_into_partition(param: Any, value: torch.Tensor) -> None:
+    """Rank 0's ``value`` into ZeRO-3 parameter ``param`` (a `torch.nn.Parameter` with DeepSpeed's untyped
+    ``ds_*`` attributes), each rank receiving only its own slice, in place in its partition.
+
+    `deepspeed.zero.GatheredParameters` (the public way) would gather the whole parameter on every rank for
+    the copy, and on rank 0 next to ``value``. This writes DeepSpeed's partition layout instead (0.19.8,
+    `Init._partition_param`): the parameter flattened and padded at the end to a multiple of the size of its
+    group (``param.ds_process_group``, the world under `partitioned_construction`), group rank r holding
+    elements [r·n, (r+1)·n) in ``param.ds_tensor``, n = ``param.partition_numel()``. The padding is zeros
+    here (DeepSpeed leaves it uninitialized; a gather cuts it off). tests/distributed/test_partitioned_loading.py
+    compares the partitions with GatheredParameters' bit for bit, so a change of layout fails there.
+    """
+    # A parameter gathered now would keep its full data, stale once its partition is written.
+    if param.ds_status != ZeroParamStatus.NOT_AVAILABLE:
+        raise RuntimeError(f"parameter {param.ds_id} is {param.ds_status.name}, not partitioned: cannot load")
+    partition = param.ds_tensor
+    numel = param.partition_numel()
+    group = param.ds_process_group
+    if dist.get_rank() != 0:
+        dist.scatter(partition, src=0, group=group)
+        return
+    # shape: [ds_numel] -> group size slices of [n]; views of rank 0's value but the padded last ones.
+    flat = value.detach().reshape(-1).to(dtype=partition.dtype, device=partition.device)
+    slices = []
+    for start in range(0, numel * dist.get_world_size(group), numel):
+        part = flat[start : start + numel]
+        if part.numel() < numel:
+            part = torch.cat([part, part.new_zeros(numel - part.numel())])
+        slices.append(part)
+    dist.scatter(partition, slices, src=0, group=group)
