@@ -15,6 +15,7 @@ Prints a table of test metrics per task and writes it as JSON.
 import argparse
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -36,6 +37,9 @@ TRAIN_SIZES = {
 
 
 def experiment(tasks: list[str], steps: int, args: argparse.Namespace, run_dir: Path) -> ExperimentConfig:
+    # The bench's run directories are its own scratch: a rerun replaces them (megamoe train refuses to mix
+    # two runs in one directory).
+    shutil.rmtree(run_dir, ignore_errors=True)
     return from_dict(
         ExperimentConfig,
         {
@@ -81,7 +85,7 @@ def main() -> None:
     parser.add_argument("--micro-batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of the step budget (smoke tests)")
-    parser.add_argument("--out", default="runs/bench_quality", help="run directories")
+    parser.add_argument("--out", default="runs/bench_quality", help="run directories (a rerun replaces them)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
 
@@ -97,7 +101,8 @@ def main() -> None:
         }
     start = time.perf_counter()
     total_steps = sum(budget(task, args) for task in TASKS)
-    multi = run(experiment(list(TASKS), total_steps, args, out / "multi_task"))
+    multi_config = experiment(list(TASKS), total_steps, args, out / "multi_task")
+    multi = run(multi_config)
     steps_per_task = {task: sum(1 for record in multi.history if record.task == task) for task in TASKS}
     results["multi_task"] = {
         "test": {task: multi.metrics[task]["test"] for task in TASKS},
@@ -106,7 +111,6 @@ def main() -> None:
         "seconds": time.perf_counter() - start,
     }
 
-    multi_config = experiment(list(TASKS), total_steps, args, out / "multi_task")
     print(f"\n{'task':10s} {'metric':9s} {'single':>8s} {'multi':>8s} {'delta':>8s}  steps single / multi")
     for task in TASKS:
         metric = multi_config.tasks[task].metric
