@@ -30,6 +30,15 @@ def _grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return all(dim * x.element_size() % 16 == 0 for dim in weight.shape[1:])
 
 
+@torch.compiler.disable
+def _grouped_mm_outside_the_compiler(
+    x: torch.Tensor, weight_t: torch.Tensor, offs: torch.Tensor
+) -> torch.Tensor:
+    """``F.grouped_mm`` run eagerly inside a compiled region (a graph break): the meta kernel of
+    ``torch._grouped_mm``, which the compiler traces with, accepts bf16 only, while the CPU kernel runs fp32 too."""
+    return F.grouped_mm(x, weight_t, offs=offs)
+
+
 def grouped_linear(
     x_NI: torch.Tensor,
     weight_EOI: torch.Tensor,
@@ -44,7 +53,8 @@ def grouped_linear(
     group_end_E = torch.cumsum(group_sizes_E, dim=0, dtype=torch.int32)
     if _grouped_mm_supported(x_NI, weight_EOI):
         # Device offsets: the group sizes are never read to the host.
-        y_NO = F.grouped_mm(x_NI, weight_EOI.transpose(-2, -1), offs=group_end_E)
+        grouped_mm = F.grouped_mm if x_NI.dtype == torch.bfloat16 else _grouped_mm_outside_the_compiler
+        y_NO = grouped_mm(x_NI, weight_EOI.transpose(-2, -1), offs=group_end_E)
     else:
         # The group sizes read to the host: this path serves the dtypes and row strides the grouped GEMM refuses.
         # unbind, not weight[e]: each indexing op's backward would allocate a zero gradient of the whole stack.

@@ -432,6 +432,27 @@ def test_compiled_layer_has_no_graph_break_and_equals_eager(mlp_type, bias, capa
         torch.testing.assert_close(ours, eager, rtol=0, atol=0)
 
 
+def test_a_compiled_float32_layer_runs_its_grouped_gemms_eagerly_and_equals_eager():
+    """fp32 has no meta kernel for ``torch._grouped_mm``: the compiler breaks the graph around the grouped
+    GEMMs (and compiles the rest) instead of failing."""
+    torch._dynamo.reset()
+    layer = make_layer(num_experts=4, top_k=2, mlp_type="mlp", bias=True)
+    compiled = torch.compile(layer, backend="aot_eager")
+    x = torch.randn(2, 6, HIDDEN)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+
+    def step(module):
+        x_in = x.clone().requires_grad_()
+        y, stats = module(x_in, mask)
+        grads = torch.autograd.grad(
+            (y * torch.linspace(-1, 1, HIDDEN)).sum() + stats.aux_loss, [x_in, *layer.parameters()]
+        )
+        return [y, *grads]
+
+    for ours, eager in zip(step(compiled), step(layer), strict=True):
+        torch.testing.assert_close(ours, eager, rtol=1e-5, atol=1e-6)
+
+
 def test_all_padding_batch_runs():
     layer = make_layer()
     y, stats = layer(torch.randn(2, 3, HIDDEN), torch.zeros(2, 3, dtype=torch.bool))
