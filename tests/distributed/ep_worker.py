@@ -128,9 +128,10 @@ def main() -> None:
             json.dumps({"first_step": first_step, "losses": losses, "router_loads": router_loads})
         )
         module, optimizer = engine.engine.module, engine.engine.optimizer
+        # Routed experts only; a ZeRO-3 parameter released after the forward has numel 0, ds_numel is its size.
         expert_numel = sum(
-            p.numel() for n, p in module.named_parameters() if "mlp.experts." in n
-        )  # routed only
+            getattr(p, "ds_numel", p.numel()) for n, p in module.named_parameters() if "mlp.experts." in n
+        )
         # The fp32 master weights (and Adam moments of the same size) of the expert param groups.
         moe_groups = getattr(optimizer, "is_moe_param_group", [])  # set only when the model has MoE layers
         partitions = getattr(optimizer, "single_partition_of_fp32_groups", [])  # ZeRO-1/2
