@@ -96,17 +96,14 @@ class DynamicWeightAverage(LossWeighting):
         self.register_buffer("windows_done", torch.zeros((), dtype=torch.long))
         self.register_buffer("steps_in_window", torch.zeros((), dtype=torch.long))
         # The buffer above, mirrored on the host, so that deciding whether a window ends reads nothing from
-        # the device (a sync per micro-batch on a GPU). None until read from the buffer, which a checkpoint
-        # load may have changed.
-        self._host_steps_in_window: int | None = 0
-        self.register_load_state_dict_post_hook(_forget_host_steps)
+        # the device (a sync per micro-batch on a GPU); read from the buffer again after a checkpoint load.
+        self._host_steps_in_window = 0
+        self.register_load_state_dict_post_hook(_read_host_steps)
 
     def forward(self, task: str, loss: torch.Tensor) -> torch.Tensor:
         i = self.index(task)
         weighted = self.weights[i] * loss / len(self.task_names)
         if self.training:
-            if self._host_steps_in_window is None:
-                self._host_steps_in_window = int(self.steps_in_window)
             self.window_sums[i] += loss.detach().double()
             self.window_counts[i] += 1
             self.steps_in_window += 1
@@ -137,9 +134,9 @@ class DynamicWeightAverage(LossWeighting):
         return dict(zip(self.task_names, self.weights.tolist(), strict=True))
 
 
-def _forget_host_steps(weighting: DynamicWeightAverage, _incompatible_keys: object) -> None:
-    """After a load (a resume, also as part of the whole training module) the buffer is read again."""
-    weighting._host_steps_in_window = None
+def _read_host_steps(weighting: DynamicWeightAverage, _incompatible_keys: object) -> None:
+    """After a load (a resume, also as part of the whole training module): one read of the loaded buffer."""
+    weighting._host_steps_in_window = int(weighting.steps_in_window)
 
 
 def build_weighting(
