@@ -83,9 +83,9 @@ def test_rank_0_reports_peak_memory_as_each_phase_ends(launched):
 
 
 def test_the_ranks_leave_no_shared_memory_behind(launched):
+    """DeepSpeed's CPU shm all-reduce op is neither built nor started, so it leaves no workspace."""
     result = launched[2]
-    if "deepspeed_shm_comm_op built successfully" not in result.stdout + result.stderr:
-        pytest.skip("DeepSpeed's CPU shm all-reduce is not built here (needs a C++ compiler)")
+    assert "deepspeed_shm_comm_op built successfully" not in result.stdout + result.stderr
     port = result.args[result.args.index("--master_port") + 1]
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
