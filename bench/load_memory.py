@@ -233,7 +233,12 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--layouts", nargs="+", choices=sorted(LAYOUTS), default=list(LAYOUTS))
     parser.add_argument("--size", choices=sorted(SIZES), default="300m")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "load_memory.json")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=REPO / "bench" / "results" / "load_memory.json",
+        help="the JSON file of every rank's phases (the table is printed)",
+    )
     parser.add_argument(
         "--return-freed-memory",
         action="store_true",
@@ -247,6 +252,10 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
+    if args.out.is_dir():
+        parser.error(
+            f"--out {args.out} is a directory: give the JSON file to write, e.g. {args.out / 'load_memory.json'}"
+        )
     from tqdm.auto import tqdm
 
     with tempfile.TemporaryDirectory(prefix="megamoe-load-memory-") as tmp:
@@ -261,11 +270,11 @@ def main() -> None:
     summary += "\nallocator: " + (
         "glibc returning freed blocks" if args.return_freed_memory else "glibc default"
     )
+    print(summary, flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps({"command": sys.argv, "checkpoint_bytes": checkpoint_bytes, "runs": results}, indent=1)
     )
-    print(summary)
 
 
 if __name__ == "__main__":

@@ -91,6 +91,7 @@ def train(args: argparse.Namespace) -> int:
     from .data.text_files import DataError
     from .data.tokenization import LabelError
     from .engine.deepspeed_engine import TopologyError
+    from .engine.trainer import TrainingDivergedError
     from .train import run
 
     try:
@@ -100,6 +101,12 @@ def train(args: argparse.Namespace) -> int:
     except (ConfigError, TopologyError, CheckpointError, DataError, LabelError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except (
+        TrainingDivergedError
+    ) as err:  # raised on every rank (the skips are the same everywhere): said once
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"error: {err}", file=sys.stderr)
+        return 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     if dist.is_initialized():
         dist.destroy_process_group()  # exiting with live gloo / NCCL threads can abort the process

@@ -180,11 +180,20 @@ class TrainSection:
     """`static`, `uncertainty` or `dwa`."""
     eval_every: int = 0
     """Evaluate on validation every n steps (0 = only at the end)."""
+    max_skipped_steps_in_a_row: int = 20
+    """A step whose loss or gradients are inf or NaN on some rank is skipped on every rank (no weight
+    changes); this many in a row end the run with an error naming them (0 = never). fp16's loss scaler skips
+    a few steps while it finds its scale."""
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "micro_batch_size", "gradient_accumulation_steps"):
             _check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        _check(
+            self.max_skipped_steps_in_a_row >= 0,
+            "max_skipped_steps_in_a_row",
+            f"must be >= 0, got {self.max_skipped_steps_in_a_row}",
+        )
         _check(0 <= self.warmup_ratio < 1, "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
         _check(
             self.precision in ("fp32", "bf16", "fp16"),

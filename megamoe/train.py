@@ -202,6 +202,8 @@ def run(
             *callbacks,
         ],
         log_every=config.logging.every_steps,
+        max_skipped_steps_in_a_row=config.train.max_skipped_steps_in_a_row,
+        last_checkpoint=lambda: checkpointer.newest_step,
         show_progress=show_progress and rank == 0,
     )
     checkpointer = Checkpointer(

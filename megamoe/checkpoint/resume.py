@@ -135,6 +135,8 @@ class Checkpointer:
         self.rank_local = rank_local
         self.write_hf_files = write_hf_files
         self.keep_last = keep_last
+        self.newest_step: int | None = None
+        """The step of the newest complete checkpoint this run saved or resumed from."""
 
     def save(self, step: int) -> Path:
         tag = tag_for(step)
@@ -152,6 +154,7 @@ class Checkpointer:
         if rank == 0:
             write_text_atomic(self.directory / LATEST, tag)
             self._prune(tag)
+        self.newest_step = step
         return tag_dir
 
     def load(self, path: str | Path) -> int:
@@ -181,7 +184,8 @@ class Checkpointer:
         for name, obj in self.rank_local.items():
             obj.load_state_dict(local[name])
         _set_rng_state(local["rng"])
-        return int(info["step"])
+        self.newest_step = int(info["step"])
+        return self.newest_step
 
     def _prune(self, newest: str) -> None:
         """Keep ``newest`` and the ``keep_last - 1`` before it. Later tags are left alone: a save a killed job

@@ -45,7 +45,9 @@ class LoggerCallback(TrainerCallback):
     def on_log(
         self, trainer: "Trainer", step: int, records: Sequence["StepRecord"], tokens_per_s: float
     ) -> None:
-        self.logger.log_step(step, records, tokens_per_s, trainer.last_router_stats)
+        self.logger.log_step(
+            step, records, tokens_per_s, trainer.last_router_stats, skipped_steps=len(trainer.skipped_steps)
+        )
 
 
 class EvaluationCallback(TrainerCallback):

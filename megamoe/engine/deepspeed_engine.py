@@ -251,6 +251,27 @@ def _cast_parameters_built_outside_zero_init(module: nn.Module, config: dict[str
             param.data = param.data.to(dtype)
 
 
+def _skip_unless_finite(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """An optimizer step pre-hook (torch's public hook) for fp32 without ZeRO, where DeepSpeed steps torch's
+    AdamW on whatever gradients it holds, so one NaN would spread to every weight. When any gradient on any
+    rank is not finite (expert gradients live on their expert-parallel ranks only, hence the all-reduce), it
+    drops every gradient, and torch's AdamW leaves parameters without one, and their moments, untouched. It
+    sets ``optimizer.overflow``, which DeepSpeed's engine reads from its own optimizers after a step: the skip
+    is then counted, and the LR schedule held, as DeepSpeed does for its own. One all-reduce and one host read
+    per optimizer step, in this configuration only."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    gradients = [p.grad for p in params if p.grad is not None]
+    finite = torch.stack([g.isfinite().all() for g in gradients]).all() if gradients else torch.tensor(True)
+    bad = (~finite).float()
+    if dist.is_initialized():
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    overflow = bool(bad)
+    setattr(optimizer, "overflow", overflow)  # noqa: B010 (DeepSpeed's optimizer protocol: not torch's attribute)
+    if overflow:
+        for param in params:
+            param.grad = None
+
+
 class CollectiveError(RuntimeError):
     """A collective failed or timed out: another rank died, is stuck, or the network broke."""
 
@@ -322,6 +343,10 @@ class Engine:
         )
         if "expert_parallel" in config:
             check_replaced_and_record_router_logits(module)
+        if not any(
+            _lookup(config, key) for key in ("zero_optimization.stage", "bf16.enabled", "fp16.enabled")
+        ):
+            self.engine.optimizer.register_step_pre_hook(_skip_unless_finite)
 
     @property
     def device(self) -> torch.device:
@@ -330,6 +355,14 @@ class Engine:
     @property
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
+
+    @property
+    def step_applied(self) -> bool:
+        """Whether the last optimizer step updated the model. DeepSpeed skips a step whose gradients hold an
+        inf or NaN on any rank (an all-reduced flag: the same decision on every rank), without advancing the LR
+        schedule: ZeRO-1/2/3 in every precision, and bf16 / fp16 without ZeRO; `_skip_unless_finite` does the
+        same for fp32 without ZeRO. Reading it reads nothing from the device: the step has read the flag."""
+        return bool(self.engine.was_step_applied())
 
     def train_step(self, batch: dict[str, Any]) -> Any:
         """Forward + backward of one micro-batch; the optimizer steps at accumulation boundaries."""

@@ -2,8 +2,9 @@
 partitioned (`deepspeed.zero.Init`), then filled one conversion group of a layer at a time, read by rank 0
 only and scattered into every rank's partition. Outside ZeRO-3, transformers' own `from_pretrained`.
 
-The transformers internals this needs (`_from_config`, the weight conversion of a state dict, the
-`_is_hf_initialized` flag) are used here only; tests/unit/test_partitioned_loading.py fails when they change.
+The transformers internals this needs (`_from_config` and its ZeRO-3 random init
+`initialize_weights_zero3`, the weight conversion of a state dict, the `_is_hf_initialized` flag) are used
+here only; tests/unit/test_partitioned_loading.py fails when they change.
 So is DeepSpeed's partition layout (`_scatter_into_partition`), tested by
 tests/distributed/test_partitioned_loading.py.
 
@@ -19,11 +20,15 @@ for the model type), applied per group.
 import json
 import re
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import deepspeed
 import torch
 import torch.distributed as dist
+import transformers.integrations.deepspeed as transformers_deepspeed
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from safetensors import safe_open
 from transformers import MODEL_MAPPING, AutoConfig, PretrainedConfig, PreTrainedModel
@@ -104,7 +109,8 @@ def load_pretrained(
         if is_deepspeed_zero3_enabled() and dist.get_rank() == 0:
             print(f"{source} has no safetensors weights: every rank reads the whole checkpoint", flush=True)
         return built.from_pretrained(source, config=config, dtype=dtype)
-    model = from_config(built, config, dtype=dtype)
+    with _without_zero3_random_init():
+        model = from_config(built, config, dtype=dtype)
     conversions = get_model_conversion_mapping(model)
     expected = set(model.state_dict())
     loaded: set[str] = set()
@@ -121,9 +127,41 @@ def load_pretrained(
     missing = sorted(name for name in expected - loaded if not name.startswith(may_lack))
     if missing:
         raise ValueError(f"{source} has no weights for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    _initialize_what_was_not_loaded(model, loaded)
     for module in model.modules():  # loaded: a later post_init must not initialize it again
         setattr(module, "_is_hf_initialized", True)  # noqa: B010 (nn.Module typing of attributes)
     return model
+
+
+@contextmanager
+def _without_zero3_random_init() -> Iterator[None]:
+    """`_from_config` under ZeRO-3 without its random init, for a model the checkpoint then fills.
+
+    transformers builds under `zero.Init` and `no_init_weights`, then `initialize_weights_zero3` gathers every
+    module whole, on every rank, to draw values the checkpoint overwrites: for the model being loaded that
+    was the load's memory peak (a layer's experts gathered, about twice their size over gloo) and a third of
+    its time (docs/memory.md). `_from_config` imports it at call time, so the module attribute is what it calls.
+    """
+    original = transformers_deepspeed.initialize_weights_zero3
+    transformers_deepspeed.initialize_weights_zero3 = lambda model: None
+    try:
+        yield
+    finally:
+        transformers_deepspeed.initialize_weights_zero3 = original
+
+
+def _initialize_what_was_not_loaded(model: PreTrainedModel, loaded: set[str]) -> None:
+    """transformers' init for the tensors the checkpoint did not hold (``may_lack`` heads) and the
+    non-persistent buffers, as its ``_initialize_missing_keys`` does: loaded tensors are flagged, so the
+    init skips them, and only the parameters it initializes are gathered (rank 0 draws, the others receive)."""
+    fresh = []
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if name in loaded:
+            tensor._is_hf_initialized = True
+        elif isinstance(tensor, torch.nn.Parameter):
+            fresh.append(tensor)
+    with deepspeed.zero.GatheredParameters(fresh, modifier_rank=0):
+        model.initialize_weights()
 
 
 def _load_chunks(weight_map: dict[str, Path], conversions: list[Any]) -> list[list[str]]:

@@ -26,12 +26,18 @@ class RunLogger:
         records: Sequence[Any],
         tokens_per_s: float,
         router_stats: Sequence[Any] | None = None,
+        skipped_steps: int = 0,
     ) -> None:
         """Scalars of the micro-batches since the last log (their ``StepRecord``s): losses, load imbalance
         and each task's loss as means over them (a task's over its own micro-batches: every one counts, not
         only the last step's), dropped assignments summed; the expert load of the last micro-batch as one
-        histogram per MoE layer (tokens over expert ids: flat = balanced)."""
+        histogram per MoE layer (tokens over expert ids: flat = balanced). Micro-batches of skipped steps
+        (non-finite gradients) are left out of the means; ``skipped_steps`` is the run's count of them."""
         if self.writer is None:
+            return
+        self.writer.add_scalar("train/skipped_steps", skipped_steps, step)
+        records = [record for record in records if not record.skipped]
+        if not records:
             return
         for layer, stats in enumerate(router_stats or []):
             counts = stats.tokens_per_expert.detach().cpu()

@@ -1,12 +1,17 @@
 """The training loop: micro-batches and optimizer steps; logging, evaluation and checkpoints are callbacks
 (`megamoe.engine.callbacks`). It never sees DeepSpeed.
 
+A step whose gradients are not finite on some rank is skipped, on every rank (the engine's `step_applied`),
+counted, and left out of the logged means; ``max_skipped_steps_in_a_row`` of them in a row end the run with
+`TrainingDivergedError`, whose message names the steps and the last checkpoint to go back to.
+
 Nothing is read from the device between logging intervals: each micro-batch's losses and router statistics
 stay device tensors (one small vector per micro-batch) until the next ``log_every`` step, or a checkpoint,
 reads all of them at once, as OLMo-core's ``metrics_collect_interval`` does. On a GPU a ``float(loss)``
 per micro-batch would wait for the device every step and keep the host from queueing the next one.
 """
 
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -22,6 +27,12 @@ from .callbacks import TrainerCallback, is_due
 class TrainEngine(Protocol):
     @property
     def lr(self) -> float: ...
+
+    @property
+    def step_applied(self) -> bool:
+        """Whether the last optimizer step updated the model (not skipped for non-finite gradients), the same
+        on every rank; read without waiting for the device."""
+        ...
 
     def train_step(self, batch: dict[str, Any]) -> Any: ...
 
@@ -45,6 +56,13 @@ class StepRecord:
     """Per MoE layer: max / mean tokens per expert on this rank (1 = perfectly balanced)."""
     dropped_tokens: int = 0
     """(token, slot) assignments dropped at capacity, all layers (0 when dropless)."""
+    skipped: bool = False
+    """The optimizer step of this micro-batch was skipped: some rank's gradients were not finite. Its numbers
+    (possibly NaN) are kept here and left out of the logged means."""
+
+
+class TrainingDivergedError(RuntimeError):
+    """Too many optimizer steps in a row had non-finite gradients: the run stops instead of spinning."""
 
 
 @dataclass
@@ -57,6 +75,7 @@ class _PendingRecord:
     lr: float
     tokens: int
     values: torch.Tensor
+    skipped: bool = False
 
 
 def _device_values(output: Any) -> torch.Tensor:
@@ -87,6 +106,8 @@ class Trainer:
         callbacks: logging, evaluation, checkpoints, ... (`megamoe.engine.callbacks`), called in order.
         log_every: steps between reads of the device's numbers (`TrainerCallback.on_log`, the progress
             bar's loss).
+        max_skipped_steps_in_a_row: skipped steps in a row that end the run (0: never).
+        last_checkpoint: the step of the newest complete checkpoint, for the message that ends a diverged run.
         show_progress: draw a progress bar (rank 0 only).
     """
 
@@ -100,6 +121,8 @@ class Trainer:
         task_weights: Callable[[], dict[str, float]] | None = None,
         callbacks: Sequence[TrainerCallback] = (),
         log_every: int = 10,
+        max_skipped_steps_in_a_row: int = 20,
+        last_checkpoint: Callable[[], int | None] = lambda: None,
         show_progress: bool = True,
     ):
         self.engine = engine
@@ -109,8 +132,12 @@ class Trainer:
         self.task_weights = task_weights
         self.callbacks = list(callbacks)
         self.log_every = log_every
+        self.max_skipped_steps_in_a_row = max_skipped_steps_in_a_row
+        self.last_checkpoint = last_checkpoint
         self.show_progress = show_progress
         self.step = 0
+        self.skipped_steps: list[int] = []
+        """The optimizer steps skipped for non-finite gradients (kept in checkpoints)."""
         self.history: list[StepRecord] = []
         self.evaluations: list[dict[str, Any]] = []
         self.last_router_stats: Any = None
@@ -123,12 +150,16 @@ class Trainer:
         self._read_pending()  # a checkpoint holds every step's record
         return {
             "step": self.step,
+            "skipped_steps": self.skipped_steps,
             "history": [asdict(r) for r in self.history],
             "evaluations": self.evaluations,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = state["step"]
+        self.skipped_steps = list(
+            state.get("skipped_steps", [])
+        )  # checkpoints from before 2026-12-02 have none
         self.history = [StepRecord(**r) for r in state["history"]]
         self._logged = len(self.history)
         self.evaluations = list(state["evaluations"])
@@ -148,6 +179,8 @@ class Trainer:
             self.step += 1
             for _ in range(self.grad_accum):
                 tokens += self._micro_step(self.step)
+            if not self.engine.step_applied:
+                self._skipped(progress)
             progress.update(1)
             if is_due(self.step, self.log_every) or self.step == self.max_steps:
                 # Every rank's real tokens (not padding): the job's throughput, not rank 0's.
@@ -171,6 +204,39 @@ class Trainer:
             callback.on_micro_batch_end(self, batch)
         return tokens
 
+    def _skipped(self, progress: Any) -> None:
+        """Step `step` was skipped on every rank: marked, counted, said, and the end of the run if it is the
+        ``max_skipped_steps_in_a_row``-th in a row."""
+        for pending in self._pending[-self.grad_accum :]:
+            pending.skipped = True
+        self.skipped_steps.append(self.step)
+        in_a_row = 0
+        while (
+            in_a_row < len(self.skipped_steps) and self.skipped_steps[-1 - in_a_row] == self.step - in_a_row
+        ):
+            in_a_row += 1
+        if self.show_progress:
+            progress.write(
+                f"step {self.step}: the loss or gradients are not finite on some rank; the step is skipped "
+                f"({in_a_row} in a row, {len(self.skipped_steps)} in all)"
+            )
+        if self.max_skipped_steps_in_a_row and in_a_row >= self.max_skipped_steps_in_a_row:
+            checkpoint = self.last_checkpoint()
+            tasks = sorted({pending.task for pending in self._pending[-self.grad_accum :]})
+            raise TrainingDivergedError(
+                f"steps {self.step - in_a_row + 1}..{self.step}: {in_a_row} optimizer steps in a row had an inf "
+                f"or NaN loss or gradient on some rank and were skipped (train.max_skipped_steps_in_a_row="
+                f"{self.max_skipped_steps_in_a_row}); the last one trained {', '.join(tasks)}. Skipped steps "
+                "change no weight, so "
+                + (
+                    f"the newest checkpoint (step {checkpoint}) is sound to resume from (--resume)"
+                    if checkpoint is not None
+                    else "nothing is lost but the time; no checkpoint was saved yet"
+                )
+                + ". To fix: a lower train.lr, a longer train.warmup_ratio, train.max_grad_norm > 0, precision "
+                "fp32 instead of fp16, or a look at that task's data."
+            )
+
     def _read_pending(self) -> None:
         """The queued micro-batches' numbers, read from the device at once, into `history`. The loss weights
         are read then too, onto the last record (others keep ``{}``)."""
@@ -190,7 +256,8 @@ class Trainer:
                     lr=pending.lr,
                     tokens=pending.tokens,
                     load_imbalance=imbalance,
-                    dropped_tokens=round(dropped),
+                    dropped_tokens=round(dropped) if math.isfinite(dropped) else 0,
+                    skipped=pending.skipped,
                 )
             )
         self.history[-1].task_weights = self.task_weights() if self.task_weights else {}

@@ -104,8 +104,11 @@ class DynamicWeightAverage(LossWeighting):
         i = self.index(task)
         weighted = self.weights[i] * loss / len(self.task_names)
         if self.training:
-            self.window_sums[i] += loss.detach().double()
-            self.window_counts[i] += 1
+            # A non-finite loss (its step is skipped) would stay in every later window's ratio: left out, on
+            # the device (a branch would read the loss to the host).
+            finite = torch.isfinite(loss.detach())
+            self.window_sums[i] += torch.where(finite, loss.detach().double(), 0.0)
+            self.window_counts[i] += finite.double()
             self.steps_in_window += 1
             self._host_steps_in_window += 1
             if self._host_steps_in_window == self.window_steps:

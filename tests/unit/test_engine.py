@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import math
 import re
 
 import pytest
@@ -20,7 +21,7 @@ from megamoe.engine.deepspeed_engine import (
     parameter_groups,
     user_deepspeed_config_path,
 )
-from megamoe.engine.trainer import Trainer
+from megamoe.engine.trainer import Trainer, TrainingDivergedError
 from tests.conftest import DeviceReads, tiny_config
 
 
@@ -232,6 +233,7 @@ def test_the_trainer_reads_the_device_once_per_logging_interval_and_records_ever
 
     class Engine:
         lr = 0.5
+        step_applied = True
         calls = 0
 
         def train_step(self, batch):
@@ -295,6 +297,84 @@ def test_a_checkpoint_between_logs_holds_every_micro_batch_record():
     state = trainer.state_dict()
     assert [r["step"] for r in state["history"]] == [1, 2, 3]
     assert all(isinstance(r["loss"], float) and r["loss"] > 0 for r in state["history"])
+
+
+class PoisonedModel(MegaMoEForMultiTask):
+    """Its loss is NaN on the training forwards numbered in ``poisoned`` (1-based)."""
+
+    poisoned: frozenset[int] = frozenset()
+    forwards = 0
+
+    def forward(self, **inputs):
+        output = super().forward(**inputs)
+        if self.training:
+            self.forwards += 1
+            if self.forwards in self.poisoned:
+                output.loss = output.loss * float("nan")
+        return output
+
+
+def poisoned_trainer(poisoned, zero_stage, **trainer_args):
+    torch.manual_seed(0)
+    model = PoisonedModel(tiny_config())
+    model.poisoned = frozenset(poisoned)
+    train = TrainSection(max_steps=6, micro_batch_size=8, lr=1e-2, warmup_ratio=0.0)
+    engine = Engine(model, deepspeed_config(train, ParallelSection(zero_stage=zero_stage)))
+    weights_after = {}
+
+    class Snapshot(TrainerCallback):
+        def on_step_end(self, trainer, step):
+            weights_after[step] = {n: p.detach().clone() for n, p in engine.engine.module.named_parameters()}
+
+    trainer = Trainer(
+        engine, synthetic_batches(), max_steps=6, callbacks=[Snapshot()], show_progress=False, **trainer_args
+    )
+    return trainer, weights_after
+
+
+@pytest.mark.parametrize(
+    "zero_stage", [0, 2], ids=["no ZeRO, fp32: megamoe's own check", "ZeRO-2: DeepSpeed's"]
+)
+def test_a_step_with_a_nan_loss_is_skipped_counted_and_left_out_of_the_logged_means(tmp_path, zero_stage):
+    trainer, weights_after = poisoned_trainer({3}, zero_stage, log_every=6)
+    history = trainer.fit()
+    assert trainer.skipped_steps == [3]
+    # DeepSpeed counts it as its own skips, and holds the LR schedule: one step behind at the end.
+    assert (trainer.engine.engine.skipped_steps, trainer.engine.scheduler.state_dict()["last_batch_iteration"]) == (1, 4)
+    for name, value in weights_after[3].items():
+        assert torch.equal(value, weights_after[2][name]), f"{name} changed in the skipped step"
+    changed = [
+        name for name in weights_after[4] if not torch.equal(weights_after[4][name], weights_after[3][name])
+    ]
+    assert changed, "the next step trains again"
+    assert all(torch.isfinite(value).all() for value in weights_after[6].values())
+    assert [record.step for record in history if record.skipped] == [3]
+    assert math.isnan(history[2].loss) and all(math.isfinite(r.loss) for r in history if not r.skipped)
+    # The logged means leave it out; the count is logged.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from megamoe.engine.run_logger import RunLogger
+
+    logger = RunLogger(tmp_path, enabled=True)
+    logger.log_step(6, history, 1.0, skipped_steps=len(trainer.skipped_steps))
+    logger.close()
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    scalar = {tag: events.Scalars(tag)[0].value for tag in events.Tags()["scalars"]}
+    assert scalar["train/skipped_steps"] == 1
+    assert scalar["train/loss"] == pytest.approx(sum(r.loss for r in history if not r.skipped) / 5)
+
+
+def test_skipped_steps_in_a_row_end_the_run_naming_them_and_the_checkpoint_to_resume():
+    trainer, _ = poisoned_trainer({2, 4, 5}, 2, max_skipped_steps_in_a_row=2, last_checkpoint=lambda: 3)
+    with pytest.raises(TrainingDivergedError, match=r"steps 4\.\.5: 2 optimizer steps in a row") as error:
+        trainer.fit()
+    assert "the newest checkpoint (step 3) is sound to resume from (--resume)" in str(error.value)
+    assert trainer.skipped_steps == [2, 4, 5], "2 alone was not the end"
+    # A resumed trainer counts the run's skipped steps on (they are in its checkpoint).
+    resumed, _ = poisoned_trainer((), 2)
+    resumed.load_state_dict(trainer.state_dict())
+    assert resumed.skipped_steps == [2, 4, 5]
 
 
 def test_callbacks_run_in_order_around_each_step_evaluation_and_checkpoints_at_their_cadence(tmp_path):

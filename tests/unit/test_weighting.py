@@ -55,6 +55,24 @@ def test_dwa_weights_after_two_windows():
     assert weighting("topic", torch.tensor(1.0)).item() == pytest.approx(weights["topic"] / 2, rel=1e-6)
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_dwa_leaves_a_non_finite_loss_out_of_its_windows(bad):
+    """A skipped step's NaN/inf loss would otherwise be in every later ratio: the weights would stay NaN."""
+    clean, poisoned = DynamicWeightAverage(TASKS, window_steps=3), DynamicWeightAverage(TASKS, window_steps=3)
+    clean.train(), poisoned.train()
+    losses = [("topic", 2.0), ("ner", 1.0), ("topic", 1.0), ("ner", 1.5), ("topic", 0.5), ("ner", 2.0)]
+    for task, loss in losses:
+        clean(task, torch.tensor(loss))
+    for index, (task, loss) in enumerate(losses):
+        # topic's second micro-batch is bad: its window mean is over the first one alone
+        poisoned(task, torch.tensor(bad if index == 2 else loss))
+    weights = poisoned.current_weights()
+    assert all(math.isfinite(weight) for weight in weights.values()), weights
+    assert poisoned.previous_means[1].tolist() == [1.0, 2.0], "window 1 (ner, topic): topic's 2.0 alone"
+    assert clean.previous_means[1].tolist() == [1.0, 1.5]
+    assert poisoned.previous_means[0].tolist() == clean.previous_means[0].tolist()
+
+
 def test_dwa_state_round_trips():
     weighting = DynamicWeightAverage(TASKS, window_steps=2)
     weighting.train()
