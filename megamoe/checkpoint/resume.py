@@ -12,11 +12,16 @@ before the files above exist, so a job killed in a save would resume from a half
 is told not to, and ``latest`` is replaced atomically once every rank has written everything. ``megamoe.json``
 records the step and the topology the shards depend on (checked before DeepSpeed touches anything); ``hf/``
 holds the model config and tokenizer so a checkpoint alone can be exported to an HF directory (`megamoe export`).
+
+A checkpoint whose files were cut short after it completed (a full disk, a copy interrupted) is found before
+DeepSpeed reads it, naming the file; resuming from a run directory then falls back to the newest older
+checkpoint that is whole, and says so.
 """
 
 import json
 import random
 import shutil
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -82,6 +87,50 @@ def resolve_checkpoint(path: str | Path) -> Path:
         f"no checkpoint at {path}: expected a run directory, its checkpoints/ directory (with a "
         f"'{LATEST}' file) or a step_<n> directory; was the run saved (checkpoint.every_steps)?"
     )
+
+
+def damaged_files(tag_dir: Path) -> list[Path]:
+    """The files of checkpoint ``tag_dir`` that are not whole. torch's format is a zip archive, whose central
+    directory is its last bytes: a file cut short (a full disk, an interrupted copy) has none, and finding
+    that reads only the end of each file, cheap at any checkpoint size. Damage inside a file is left to the
+    load itself."""
+    return [file for file in sorted(tag_dir.glob("*.pt")) if not zipfile.is_zipfile(file)]
+
+
+def _newest_whole_checkpoint(path: str | Path) -> Path:
+    """`resolve_checkpoint`'s checkpoint when it is whole on every rank. Else, for a run or checkpoints
+    directory, the newest older complete checkpoint that is (said on rank 0); a damaged one named directly is
+    an error naming the file. Every rank checks every file, and the ranks agree through one all-reduce (a
+    rank on another node may see other files)."""
+    latest = resolve_checkpoint(path)
+    named_directly = Path(path).resolve() == latest.resolve()
+    older = [] if named_directly else sorted(latest.parent.glob("step_*"), reverse=True)
+    candidates = [latest, *(tag for tag in older if tag.name < latest.name and _is_complete(tag))]
+    whole = torch.tensor([not damaged_files(tag) for tag in candidates], dtype=torch.int32)
+    if dist.is_initialized():
+        dist.all_reduce(whole, op=dist.ReduceOp.MIN)
+    damaged = damaged_files(latest) or [latest]  # on another rank, if not here
+    if not whole.any():
+        raise CheckpointError(
+            f"{damaged[0]} is truncated or damaged"
+            + ("" if named_directly else f", and no older checkpoint in {latest.parent} is whole")
+            + ": resume from another step_<n> directory, or start a new run"
+        )
+    chosen = candidates[int(whole.tolist().index(1))]
+    if chosen != latest and (not dist.is_initialized() or dist.get_rank() == 0):
+        print(
+            f"{damaged[0]} is truncated or damaged: resuming from the previous complete checkpoint, {chosen}"
+        )
+    return chosen
+
+
+def _is_complete(tag_dir: Path) -> bool:
+    """Whether every rank finished writing ``tag_dir`` (what `Checkpointer.save` writes last, per rank)."""
+    try:
+        world_size = read_run_info(tag_dir)["topology"]["world_size"]
+    except (CheckpointError, json.JSONDecodeError, KeyError):
+        return False
+    return all((tag_dir / f"megamoe_rank{rank:05d}.pt").is_file() for rank in range(world_size))
 
 
 def read_run_info(tag_dir: Path) -> dict[str, Any]:
@@ -158,8 +207,9 @@ class Checkpointer:
         return tag_dir
 
     def load(self, path: str | Path) -> int:
-        """Restore from ``path`` (see `resolve_checkpoint`); returns the step it was saved at."""
-        tag_dir = resolve_checkpoint(path)
+        """Restore from ``path`` (see `resolve_checkpoint`; from a run or checkpoints directory, the newest
+        checkpoint that is whole); returns the step it was saved at."""
+        tag_dir = _newest_whole_checkpoint(path)
         info = read_run_info(tag_dir)
         saved = Topology(**info["topology"])
         if saved != self.topology:

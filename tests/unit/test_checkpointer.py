@@ -95,6 +95,36 @@ def test_a_save_killed_midway_leaves_latest_on_the_previous_checkpoint(tmp_path,
     assert not list(checkpoints.glob("*.tmp"))
 
 
+def cut_short(file) -> None:
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])  # a full disk, an interrupted copy
+
+
+def test_resume_from_a_run_with_a_truncated_latest_falls_back_to_the_previous_checkpoint(tmp_path, capsys):
+    checkpointer, counter = make_checkpointer(tmp_path, keep_last=3)
+    for step in (1, 2, 3):
+        counter.position = step
+        checkpointer.save(step)
+    damaged = tmp_path / "checkpoints" / tag_for(3) / "mp_rank_00_model_states.pt"
+    cut_short(damaged)
+    assert checkpointer.load(tmp_path) == 2 and counter.position == 2
+    out = capsys.readouterr().out
+    assert f"{damaged} is truncated or damaged: resuming from the previous complete checkpoint, " in out
+    assert out.rstrip().endswith(tag_for(2))
+    # Named directly, a damaged checkpoint is an error naming the file: no silent substitute.
+    with pytest.raises(CheckpointError, match=f"^{damaged} is truncated or damaged: resume from another"):
+        checkpointer.load(tmp_path / "checkpoints" / tag_for(3))
+
+
+def test_resume_when_no_checkpoint_is_whole_names_the_damaged_file(tmp_path):
+    checkpointer, _ = make_checkpointer(tmp_path, keep_last=2)
+    for step in (1, 2):
+        checkpointer.save(step)
+    for step in (1, 2):
+        cut_short(tmp_path / "checkpoints" / tag_for(step) / "megamoe_rank00000.pt")
+    with pytest.raises(CheckpointError, match=r"megamoe_rank00000.pt is truncated or damaged, and no older"):
+        checkpointer.load(tmp_path)
+
+
 def test_pruning_never_removes_the_checkpoint_latest_names(tmp_path, monkeypatch):
     checkpointer, _ = make_checkpointer(tmp_path, keep_last=1)
     checkpointer.save(1)
