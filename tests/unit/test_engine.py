@@ -71,6 +71,13 @@ def test_no_weight_decay_on_biases_and_norms():
     assert len(decay["params"]) + len(no_decay["params"]) == len(names)
 
 
+def assert_every_task_learned(history) -> None:
+    for task in ("topic", "ner", "sentiment"):
+        losses = [r.task_loss for r in history if r.task == task]
+        first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+        assert last < 0.8 * first, f"{task}: loss {first:.3f} -> {last:.3f}"
+
+
 def test_a_tiny_model_learns_every_task(tmp_path):
     torch.manual_seed(0)
     model = MegaMoEForMultiTask(tiny_config())
@@ -80,11 +87,77 @@ def test_a_tiny_model_learns_every_task(tmp_path):
     history = Trainer(engine, synthetic_batches(), max_steps=train.max_steps, show_progress=False).fit()
     assert len(history) == 150 and history[-1].step == 150
     assert history[5].lr > 0 and history[-1].lr < history[10].lr, "warmup then linear decay"
-    for task in ("topic", "ner", "sentiment"):
-        losses = [r.task_loss for r in history if r.task == task]
-        first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
-        assert last < 0.8 * first, f"{task}: loss {first:.3f} -> {last:.3f}"
+    assert_every_task_learned(history)
     assert all(r.aux_loss > 0 and r.tokens == 80 for r in history)
+
+
+FEATURE_RUNS = [
+    ("offload_optimizer", {}, {}, {"offload_optimizer": True}, "static"),
+    ("bf16", {}, {"precision": "bf16"}, {}, "static"),
+    ("gradient accumulation 2", {}, {"gradient_accumulation_steps": 2}, {}, "static"),
+    ("capacity with drops", {"capacity_factor": 1.0}, {}, {}, "static"),
+    ("shared experts", {"num_shared_experts": 1}, {}, {}, "static"),
+    ("task-aware routing", {"task_aware_routing": True}, {}, {}, "static"),
+    ("uncertainty weighting", {}, {}, {}, "uncertainty"),
+    ("dwa weighting", {}, {}, {}, "dwa"),
+    ("ZeRO-3", {}, {}, {"zero_stage": 3}, "static"),
+]
+
+
+@pytest.mark.parametrize(
+    ("feature", "model_args", "train_args", "parallel_args", "weighting"),
+    FEATURE_RUNS,
+    ids=[run[0] for run in FEATURE_RUNS],
+)
+def test_each_training_feature_still_learns_every_task(
+    feature, model_args, train_args, parallel_args, weighting
+):
+    """One short run per feature that otherwise only a config test covers: through the engine, every task's
+    loss must fall, and the feature must have acted."""
+    from megamoe.tasks.objective import MultiTaskObjective
+    from megamoe.tasks.weighting import build_weighting
+
+    torch.manual_seed(0)
+    model = MegaMoEForMultiTask(tiny_config(**model_args))
+    objective = MultiTaskObjective(model, build_weighting(weighting, list(model.config.tasks)))
+    train = TrainSection(
+        **{
+            "max_steps": 150,
+            "micro_batch_size": 8,
+            "lr": 3e-3,
+            "warmup_ratio": 0.1,
+            "weight_decay": 0.0,
+            **train_args,
+        }
+    )
+    engine = Engine(objective, deepspeed_config(train, ParallelSection(**parallel_args)))
+    trainer = Trainer(
+        engine,
+        synthetic_batches(),
+        max_steps=train.max_steps,
+        grad_accum=train.gradient_accumulation_steps,
+        task_weights=objective.weighting.current_weights,
+        log_every=50,
+        show_progress=False,
+    )
+    history = trainer.fit()
+    assert len(history) == 150 * train.gradient_accumulation_steps and not trainer.skipped_steps
+    assert_every_task_learned(history)
+    acted = {
+        "offload_optimizer": lambda: (
+            type(engine.engine.optimizer).__name__ == "DeepSpeedZeroOptimizer"
+            and engine.engine.zero_cpu_offload()
+        ),
+        "bf16": lambda: {p.dtype for p in engine.engine.module.parameters()} == {torch.bfloat16},
+        "gradient accumulation 2": lambda: engine.engine.global_steps == 150,
+        "capacity with drops": lambda: sum(r.dropped_tokens for r in history) > 0,
+        "shared experts": lambda: model.model.layers[0].mlp.shared_experts is not None,
+        "task-aware routing": lambda: model.model.layers[0].mlp.router.task_logit_bias.abs().sum() > 0,
+        "uncertainty weighting": lambda: len(set(history[-1].task_weights.values())) == 3,
+        "dwa weighting": lambda: int(objective.weighting.windows_done) >= 1,
+        "ZeRO-3": lambda: all(hasattr(p, "ds_id") for p in engine.engine.module.parameters()),
+    }[feature]
+    assert acted(), f"{feature} did not act"
 
 
 @pytest.mark.parametrize(
@@ -340,7 +413,10 @@ def test_a_step_with_a_nan_loss_is_skipped_counted_and_left_out_of_the_logged_me
     history = trainer.fit()
     assert trainer.skipped_steps == [3]
     # DeepSpeed counts it as its own skips, and holds the LR schedule: one step behind at the end.
-    assert (trainer.engine.engine.skipped_steps, trainer.engine.scheduler.state_dict()["last_batch_iteration"]) == (1, 4)
+    assert (
+        trainer.engine.engine.skipped_steps,
+        trainer.engine.scheduler.state_dict()["last_batch_iteration"],
+    ) == (1, 4)
     for name, value in weights_after[3].items():
         assert torch.equal(value, weights_after[2][name]), f"{name} changed in the skipped step"
     changed = [
