@@ -39,11 +39,14 @@ class RunLogger:
         records = [record for record in records if not record.skipped]
         if not records:
             return
-        for layer, stats in enumerate(router_stats or []):
+        # Tags name the model's layer index (`layers.<i>`, `RouterStats.layer_idx`), as the model card and
+        # expert_utilization.json do: with moe_layer_freq 2 the MoE layers are 1, 3, 5, not 0, 1, 2.
+        layers = [stats.layer_idx for stats in router_stats or []]
+        for stats in router_stats or []:
             counts = stats.tokens_per_expert.detach().cpu()
             expert_of_each_assignment = torch.repeat_interleave(torch.arange(counts.numel()), counts)
             self.writer.add_histogram(
-                f"expert_load/moe_layer_{layer}", expert_of_each_assignment, step, bins=counts.numel()
+                f"expert_load/layer_{stats.layer_idx}", expert_of_each_assignment, step, bins=counts.numel()
             )
         last = records[-1]
         scalars: dict[str, float] = {
@@ -59,8 +62,10 @@ class RunLogger:
         weighted = [r for r in records if r.task_weights]
         for task, weight in (weighted[-1].task_weights if weighted else {}).items():
             scalars[f"task_weight/{task}"] = weight
-        for layer, imbalances in enumerate(zip(*(r.load_imbalance for r in records), strict=True)):
-            scalars[f"expert_load_imbalance/moe_layer_{layer}"] = mean(imbalances)
+        for layer, imbalances in zip(
+            layers, zip(*(r.load_imbalance for r in records), strict=True), strict=True
+        ):
+            scalars[f"expert_load_imbalance/layer_{layer}"] = mean(imbalances)
         for name, value in scalars.items():
             self.writer.add_scalar(name, value, step)
 

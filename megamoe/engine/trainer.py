@@ -53,7 +53,8 @@ class StepRecord:
     """The loss weights when the record was read from the device: on the last micro-batch of each logging
     interval (reading them is a device read too), ``{}`` on the others."""
     load_imbalance: list[float] = field(default_factory=list)
-    """Per MoE layer: max / mean tokens per expert on this rank (1 = perfectly balanced)."""
+    """Per MoE layer, in the model's order (`MegaMoEConfig.moe_layers()`): max / mean tokens per expert on
+    this rank (1 = perfectly balanced)."""
     dropped_tokens: int = 0
     """(token, slot) assignments dropped at capacity, all layers (0 when dropless)."""
     skipped: bool = False

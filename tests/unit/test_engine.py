@@ -287,10 +287,10 @@ def test_run_logger_writes_means_over_the_interval_and_expert_load_histograms(tm
     scalar = {tag: events.Scalars(tag)[0].value for tag in events.Tags()["scalars"]}
     assert scalar["task_loss/ner"] == pytest.approx(0.7) and scalar["task_loss/topic"] == pytest.approx(2.0)
     assert scalar["train/loss"] == pytest.approx((1.0 + 2.1 + 0.6) / 3)
-    assert scalar["expert_load_imbalance/moe_layer_0"] == pytest.approx(1.5)
+    assert scalar["expert_load_imbalance/layer_0"] == pytest.approx(1.5)
     assert scalar["train/dropped_tokens"] == 6 and scalar["train/lr"] == pytest.approx(3e-4)
     assert scalar["task_weight/ner"] == pytest.approx(0.7)
-    histogram = events.Histograms("expert_load/moe_layer_0")[0].histogram_value
+    histogram = events.Histograms("expert_load/layer_0")[0].histogram_value
     assert (histogram.num, histogram.min, histogram.max) == (4, 0, 2), "3 tokens on expert 0, 1 on expert 2"
     assert not (tmp_path / "off").exists()
 
@@ -514,4 +514,4 @@ def test_callbacks_run_in_order_around_each_step_evaluation_and_checkpoints_at_t
     logged = EventAccumulator(str(tmp_path), size_guidance={"histograms": 0})  # 0: keep every one
     logged.Reload()
     assert [event.step for event in logged.Scalars("train/loss")] == [2, 4, 5]
-    assert [event.step for event in logged.Histograms("expert_load/moe_layer_0")] == [2, 4, 5], "router stats"
+    assert [event.step for event in logged.Histograms("expert_load/layer_1")] == [2, 4, 5], "router stats"
