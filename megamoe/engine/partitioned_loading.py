@@ -40,6 +40,7 @@ from transformers.integrations.deepspeed import _apply_weight_conversions_to_sta
 _INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
+_EXPERT = re.compile(r"\.experts\.(\d+)\.")
 _DTYPES = {
     "BF16": torch.bfloat16,
     "F16": torch.float16,
@@ -114,7 +115,9 @@ def load_pretrained(
     conversions = get_model_conversion_mapping(model)
     expected = set(model.state_dict())
     loaded: set[str] = set()
-    for keys in _load_chunks(weight_map, conversions):
+    for keys, merged in _load_chunks(weight_map, conversions):
+        if merged and _load_fused_experts_by_slices(model, keys, weight_map, conversions, loaded):
+            continue
         # Renames (the CausalLM's `model.` prefix) and fusions, on real tensors on rank 0 and on meta
         # tensors elsewhere: every rank gets the same names, in the same order, for the collectives below.
         # The tensors as read are dropped once converted.
@@ -164,11 +167,12 @@ def _initialize_what_was_not_loaded(model: PreTrainedModel, loaded: set[str]) ->
         model.initialize_weights()
 
 
-def _load_chunks(weight_map: dict[str, Path], conversions: list[Any]) -> list[list[str]]:
-    """The checkpoint's tensor names in the groups that are read, converted and scattered together: per layer,
-    the sources of each many-to-one conversion (all of a layer's experts' gate and up projections become one
-    fused tensor), then the layer's other tensors; embeddings, final norm and LM head form one more group.
-    Rank 0 then holds one converted parameter and its sources at a time, not a layer."""
+def _load_chunks(weight_map: dict[str, Path], conversions: list[Any]) -> list[tuple[list[str], bool]]:
+    """The checkpoint's tensor names in the groups that are read, converted and scattered together, each with
+    whether it is the sources of a many-to-one conversion: per layer, the sources of each such conversion (all
+    of a layer's experts' gate and up projections become one fused tensor), then the layer's other tensors;
+    embeddings, final norm and LM head form one more group. Rank 0 then holds one converted parameter and its
+    sources at a time, not a layer (and of a fused expert tensor, one rank's slice: `_load_fused_experts_by_slices`)."""
     merges = [
         [re.compile(re.escape(pattern).replace(r"\*", r"\d+")) for pattern in conversion.source_patterns]
         for conversion in conversions
@@ -182,7 +186,64 @@ def _load_chunks(weight_map: dict[str, Path], conversions: list[Any]) -> list[li
             len(merges),
         )
         chunks[int(layer.group(1)) if layer else -1, merge].append(key)
-    return [sorted(chunks[index]) for index in sorted(chunks)]
+    return [(sorted(chunks[index]), index[1] < len(merges)) for index in sorted(chunks)]
+
+
+def _load_fused_experts_by_slices(
+    model: PreTrainedModel,
+    keys: list[str],
+    weight_map: dict[str, Path],
+    conversions: list[Any],
+    loaded: set[str],
+) -> bool:
+    """The fused expert tensor that ``keys`` (per-expert sources, ``...experts.<e>....``) convert into, loaded
+    one destination rank's slice at a time: rank 0 reads the experts that slice covers, converts them as if
+    they were a layer of their own (the fusions stack experts along the leading dimension, so experts lo..hi
+    of the fused tensor are the fusion of experts lo..hi), cuts the slice and sends it to its rank, which
+    receives it into its partition. Rank 0 holds about 2 / ranks of the tensor at a time instead of twice
+    all of it. False, having loaded nothing, when ``keys`` are not such sources (the caller converts them whole).
+    tests/distributed/test_partitioned_loading.py checks the partitions against the whole conversion's."""
+    experts = {key: _EXPERT.search(key) for key in keys}
+    if not all(experts.values()):
+        return False
+    index = {key: int(found.group(1)) for key, found in experts.items() if found is not None}
+    shapes = _apply_weight_conversions_to_state_dict(model, _read(keys, weight_map, real=False), conversions)
+    if len(shapes) != 1:
+        return False
+    ((name, shape),) = shapes.items()
+    if len(set(index.values())) != shape.shape[0]:
+        return False  # not one leading slot per expert: not a stacking fusion
+    param: Any = model.get_parameter(name)
+    if param.ds_status != ZeroParamStatus.NOT_AVAILABLE:
+        raise RuntimeError(f"parameter {param.ds_id} is {param.ds_status.name}, not partitioned: cannot load")
+    loaded.add(name)
+    partition, numel, group = param.ds_tensor, param.partition_numel(), param.ds_process_group
+    if dist.get_rank() != 0:
+        dist.recv(partition, src=dist.get_global_rank(group, 0), group=group)
+        return True
+    per_expert = param.ds_numel // shape.shape[0]
+    for rank in range(dist.get_world_size(group)):
+        start, end = rank * numel, min((rank + 1) * numel, param.ds_numel)
+        piece = torch.zeros(numel, dtype=partition.dtype, device=partition.device)  # zero padding at the end
+        if start < end:
+            first, last = start // per_expert, (end - 1) // per_expert
+            # The slice's experts, renumbered from 0, so the conversion sees a layer of last - first + 1.
+            renamed = {
+                key.replace(f".experts.{e}.", f".experts.{e - first}."): key
+                for key, e in index.items()
+                if first <= e <= last
+            }
+            read = _read(list(renamed.values()), weight_map, real=True)
+            sources = {new: read.pop(old) for new, old in renamed.items()}
+            fused = _apply_weight_conversions_to_state_dict(model, sources, conversions)[name]
+            offset = first * per_expert
+            piece[: end - start] = fused.reshape(-1)[start - offset : end - offset]
+            del fused, sources
+        if rank == 0:
+            partition.copy_(piece)
+        else:
+            dist.send(piece, dst=dist.get_global_rank(group, rank), group=group)
+    return True
 
 
 def _read(keys: list[str], weight_map: dict[str, Path], *, real: bool) -> dict[str, torch.Tensor]:

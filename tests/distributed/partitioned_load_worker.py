@@ -1,5 +1,6 @@
-"""A ZeRO-3 load on 2 ranks, twice: through `partitioned_loading`'s scatter into the partitions and through
-DeepSpeed's public `GatheredParameters` (what it replaced). Each rank's partitions must be equal bit for bit,
+"""A ZeRO-3 load on 2 ranks, twice: through `partitioned_loading`'s scatter into the partitions (fused experts
+converted one rank's slice at a time) and through DeepSpeed's public `GatheredParameters` of wholly converted
+tensors (what it replaced). Each rank's partitions must be equal bit for bit,
 the padding zeros, and the parameters the checkpoint's values; run by test_partitioned_loading.py. Exits
 non-zero on any mismatch."""
 
@@ -36,7 +37,9 @@ def main() -> None:
     init_distributed(timeout_minutes=2.0)
     rank, world_size = dist.get_rank(), dist.get_world_size()
     scattered = load(args.checkpoint)
+    # The reference: every parameter converted whole and copied through GatheredParameters.
     partitioned_loading._scatter_into_partition = gathered_copy  # type: ignore[assignment]
+    partitioned_loading._load_fused_experts_by_slices = lambda *args: False  # type: ignore[assignment]
     gathered = load(args.checkpoint)
 
     reference = dict(gathered.named_parameters())
