@@ -3,13 +3,23 @@ the process group, prepares data or builds a model, on every rank.
 
 A run directory holds one run. Training into one that holds another run's results would mix two runs'
 checkpoints (the pruning of old ones, `latest`), metrics and TensorBoard event files, so that is refused unless
-the run continues there (``--resume``).
+the run continues there (``--resume``). A filesystem without room for one checkpoint of the model is refused
+once the model's architecture is known (`check_free_space`), before any data or model work.
 """
 
+import shutil
 import tempfile
 from pathlib import Path
 
+import torch
+
 from .config import ConfigError
+from .model import MegaMoEConfig, MegaMoEForMultiTask
+
+_GB = 1e9
+# Bytes a checkpoint holds per parameter: the module's weights in the run's dtype, plus the optimizer's fp32
+# master weights and Adam's two fp32 moments (DeepSpeed saves all three, partitioned or not).
+_OPTIMIZER_BYTES = 12
 
 # What a run leaves in its directory; the generated configs (deepspeed_config.json, the run config) are
 # rewritten at every start, so a run that failed before training may be started again in place.
@@ -46,6 +56,41 @@ def check_run_dir(run_dir: Path, *, resuming: bool) -> None:
         f"run_dir: {run_dir} already holds a run ({', '.join(found)}): {how}, or train into a fresh run_dir "
         "(override run_dir=PATH); one directory never mixes two runs' checkpoints, metrics and event files"
     )
+
+
+def check_free_space(
+    run_dir: Path, model: MegaMoEConfig, dtype: torch.dtype, keep_last: int, *, warn: bool = True
+) -> None:
+    """Refuse a ``run_dir`` whose filesystem cannot hold one checkpoint of ``model`` (the run would train
+    until its first save, then fail); say so on stdout when it cannot hold the ``keep_last`` checkpoints plus
+    the one being written and the exported model, which the run needs at its peak (when ``warn``: rank 0).
+
+    Raises:
+        ConfigError: naming the free and the needed space and what to do.
+    """
+    with torch.device("meta"):  # the architecture only: no memory, no init
+        parameters = sum(p.numel() for p in MegaMoEForMultiTask(model).parameters())
+    weights = parameters * dtype.itemsize
+    checkpoint = weights + parameters * _OPTIMIZER_BYTES
+    existing = next(path for path in (run_dir, *run_dir.parents) if path.exists())
+    free = shutil.disk_usage(existing).free
+    what = (
+        f"one checkpoint of this model takes ~{checkpoint / _GB:.1f} GB ({parameters / 1e6:.0f} M parameters x "
+        f"{checkpoint // parameters} bytes: the weights, the fp32 master weights and Adam's two moments)"
+    )
+    if free < checkpoint:
+        raise ConfigError(
+            f"run_dir: {existing} has {free / _GB:.1f} GB free, and {what}: free some space, or give a run_dir "
+            "on a larger filesystem (override run_dir=PATH)"
+        )
+    peak = (keep_last + 1) * checkpoint + weights
+    if warn and free < peak:
+        print(
+            f"warning: run_dir: {existing} has {free / _GB:.1f} GB free; {what}, and the run needs ~{peak / _GB:.1f} "
+            f"GB at its peak (checkpoint.keep_last={keep_last}, one being written, the exported model): it may "
+            "fail at a save (the previous checkpoint stays usable); lower checkpoint.keep_last or free space",
+            flush=True,
+        )
 
 
 def _check_writable(run_dir: Path) -> None:

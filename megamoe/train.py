@@ -39,7 +39,7 @@ from .engine.memory_report import memory_line
 from .engine.run_logger import RunLogger
 from .engine.trainer import StepRecord, Trainer
 from .model import MegaMoEConfig
-from .run_dir import check_run_dir
+from .run_dir import check_free_space, check_run_dir
 from .sources import BuildOptions, build_model, declared_model_config
 from .sources.builtin_models import resolve_model_source
 from .tasks.evaluation import evaluate
@@ -109,6 +109,13 @@ def run(
         # 1. Refuse a config that does not fit the launched ranks, before any data or model work.
         model_config = declared_model_config(config.model, config.data.cache_dir)
         check_topology(config.train, parallel, world_size=world_size, model=model_config)
+        check_free_space(
+            run_dir,
+            model_config,
+            _DTYPES[config.train.precision],
+            config.checkpoint.keep_last,
+            warn=rank == 0,
+        )
         if config.data.max_length > model_config.max_position_embeddings:
             raise ConfigError(
                 f"data.max_length: {config.data.max_length} is more than the model's max_position_embeddings "

@@ -117,3 +117,57 @@ def test_a_run_dir_a_run_may_use(tmp_path):
         "deepspeed_config.json",
         "metrics.json",
     ]
+
+
+def fake_disk(monkeypatch, free: int) -> None:
+    from collections import namedtuple
+
+    from megamoe import run_dir
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(run_dir.shutil, "disk_usage", lambda path: usage(10**15, 10**15 - free, free))
+
+
+def test_a_filesystem_without_room_for_one_checkpoint_is_refused_and_a_tight_one_warned(
+    monkeypatch, tmp_path, capsys
+):
+    import torch
+
+    from megamoe import MegaMoEForMultiTask
+    from megamoe.config import ConfigError
+    from megamoe.run_dir import check_free_space
+    from tests.conftest import tiny_config
+
+    config = tiny_config()
+    parameters = sum(p.numel() for p in MegaMoEForMultiTask(config).parameters())
+    checkpoint = parameters * (4 + 12)  # fp32 weights, fp32 master, Adam's two moments
+    fake_disk(monkeypatch, checkpoint - 1)
+    with pytest.raises(
+        ConfigError, match=r"x 16 bytes: the weights, the fp32 master weights and Adam's two"
+    ):
+        check_free_space(tmp_path / "run", config, torch.float32, keep_last=2)
+    fake_disk(monkeypatch, checkpoint)  # one fits, the 2 kept + 1 being written + the export do not
+    check_free_space(tmp_path / "run", config, torch.float32, keep_last=2)
+    assert "the run needs ~" in capsys.readouterr().out
+    fake_disk(monkeypatch, 3 * checkpoint + parameters * 4)
+    check_free_space(tmp_path / "run", config, torch.float32, keep_last=2)
+    assert capsys.readouterr().out == ""
+
+
+def test_megamoe_train_on_a_full_filesystem_fails_before_any_data_work(monkeypatch, tmp_path, capsys):
+    def prepared(*args, **kwargs):
+        raise AssertionError("data was prepared before the free space was checked")
+
+    monkeypatch.setattr(train_module, "prepare_task_data", prepared)
+    fake_disk(monkeypatch, 10**6)
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"run_dir: {tmp_path / 'run'}\n"
+        "model: {init: upcycle, base: builtin:all-MiniLM-L6-v2}\n"
+        "tasks: {topic: {type: sequence_classification, source: 'builtin:bbc_news'}}\n"
+    )
+    assert main(["train", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"error: run_dir: {tmp_path} has 0.0 GB free, and one checkpoint of this model takes"
+    )
