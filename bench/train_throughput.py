@@ -30,6 +30,7 @@ import torch.distributed as dist
 from megamoe.config import load_config
 from megamoe.engine.callbacks import TrainerCallback
 from megamoe.model import moe_experts
+from megamoe.run_dir import RunDir
 from megamoe.train import run as train
 
 SPEC_PEAK_TFLOPS = {"H100/H200 SXM bf16 dense spec": 989.0}
@@ -203,7 +204,7 @@ def run() -> int:
     wall = time.perf_counter() - started
     if dist.is_initialized():
         dist.destroy_process_group()
-    sizes = model_sizes(Path(result.run_dir) / "model")
+    sizes = model_sizes(RunDir(Path(result.run_dir)).model)
     summary = {
         "command": sys.argv,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",

@@ -1,5 +1,6 @@
-"""The run directory's up-front checks: `megamoe train` fails on a run directory it cannot use before it joins
-the process group, prepares data or builds a model, on every rank.
+"""The run directory: every path a run writes under it (`RunDir`), how its files are written (atomically),
+and the up-front checks: `megamoe train` fails on a run directory it cannot use before it joins the process
+group, prepares data or builds a model, on every rank.
 
 A run directory holds one run. Training into one that holds another run's results would mix two runs'
 checkpoints (the pruning of old ones, `latest`), metrics and TensorBoard event files, so that is refused unless
@@ -7,9 +8,13 @@ the run continues there (``--resume``). A filesystem without room for one checkp
 once the model's architecture is known (`check_free_space`), before any data or model work.
 """
 
+import json
+import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -21,16 +26,62 @@ _GB = 1e9
 # master weights and Adam's two fp32 moments (DeepSpeed saves all three, partitioned or not).
 _OPTIMIZER_BYTES = 12
 
-# What a run leaves in its directory; the generated configs (deepspeed_config.json, the run config) are
-# rewritten at every start, so a run that failed before training may be started again in place.
-_RUN_RESULTS = (
-    "checkpoints",
-    "metrics.json",
-    "history.json",
-    "expert_utilization.json",
-    "model",
-    "tensorboard",
-)
+
+@dataclass(frozen=True)
+class RunDir:
+    """Every path a run writes under ``root``, named here only."""
+
+    root: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        """DeepSpeed checkpoints, ``step_<n>/`` and ``latest`` (`megamoe.checkpoint.resume`)."""
+        return self.root / "checkpoints"
+
+    @property
+    def model(self) -> Path:
+        """The exported HF model with its card."""
+        return self.root / "model"
+
+    @property
+    def metrics(self) -> Path:
+        """``{task: {split: {metric: value}}}`` of the final evaluation."""
+        return self.root / "metrics.json"
+
+    @property
+    def expert_utilization(self) -> Path:
+        return self.root / "expert_utilization.json"
+
+    @property
+    def history(self) -> Path:
+        """One `StepRecord` per micro-batch."""
+        return self.root / "history.json"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+    @property
+    def deepspeed_config(self) -> Path:
+        """The DeepSpeed JSON generated from the run config (rewritten at every start)."""
+        return self.root / "deepspeed_config.json"
+
+    @property
+    def run_config(self) -> Path:
+        """The run config as it ran, overrides applied (rewritten at every start; the model card reads it)."""
+        return self.root / "config.yaml"
+
+    def results(self) -> tuple[Path, ...]:
+        """What a run leaves: the generated configs are not among them, so a run that failed before training
+        may be started again in place."""
+        return (
+            self.checkpoints,
+            self.metrics,
+            self.history,
+            self.expert_utilization,
+            self.model,
+            self.tensorboard,
+        )
 
 
 def check_run_dir(run_dir: Path, *, resuming: bool) -> None:
@@ -45,10 +96,11 @@ def check_run_dir(run_dir: Path, *, resuming: bool) -> None:
     _check_writable(run_dir)
     if resuming:
         return
-    found = [name for name in _RUN_RESULTS if _holds_something(run_dir / name)]
+    paths = RunDir(run_dir)
+    found = [path.name for path in paths.results() if _holds_something(path)]
     if not found:
         return
-    if "checkpoints" in found:
+    if paths.checkpoints.name in found:
         how = "continue that run with --resume"
     else:
         how = "it has no checkpoint to --resume from: remove it"
@@ -110,3 +162,27 @@ def _check_writable(run_dir: Path) -> None:
 
 def _holds_something(path: Path) -> bool:
     return path.is_file() or (path.is_dir() and any(path.iterdir()))
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write through a synced temporary file and a rename: a reader sees the old content or the new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
+        tmp.write(text)
+        tmp.flush()
+        # A temporary file is created 0600; the result gets the mode any file the user writes gets.
+        os.fchmod(tmp.fileno(), 0o666 & ~_current_umask())
+        os.fsync(tmp.fileno())
+    os.replace(tmp.name, path)
+
+
+def _current_umask() -> int:
+    umask = os.umask(0)  # the only way to read it is to set it
+    os.umask(umask)
+    return umask
+
+
+def write_json_atomic(path: str | Path, payload: Any) -> None:
+    """`write_text_atomic` of ``payload`` as indented JSON."""
+    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True))

@@ -17,7 +17,7 @@ import torch.distributed as dist
 import yaml
 
 from .checkpoint.export import export_checkpoint
-from .checkpoint.model_card import RUN_CONFIG_FILENAME, save_model_card
+from .checkpoint.model_card import save_model_card
 from .checkpoint.resume import Checkpointer, CheckpointError, Topology, resolve_checkpoint, tag_for
 from .config import ConfigError, ExperimentConfig
 from .data.collate import MultiTaskCollator
@@ -39,11 +39,11 @@ from .engine.memory_report import memory_line
 from .engine.run_logger import RunLogger
 from .engine.trainer import StepRecord, Trainer
 from .model import MegaMoEConfig
-from .run_dir import check_free_space, check_run_dir
+from .run_dir import RunDir, check_free_space, check_run_dir, write_json_atomic
 from .sources import BuildOptions, build_model, declared_model_config
 from .sources.builtin_models import resolve_model_source
 from .tasks.evaluation import evaluate
-from .tasks.metrics import format_metrics_table, write_json_atomic
+from .tasks.metrics import format_metrics_table
 from .tasks.objective import MultiTaskObjective
 from .tasks.weighting import build_weighting
 
@@ -93,6 +93,7 @@ def run(
     """Train, evaluate and export; ``resume`` is a checkpoint path (a run directory resumes its latest).
     ``callbacks`` run after the run's own (logging, evaluation, memory report, checkpoints)."""
     run_dir = Path(config.run_dir)
+    paths = RunDir(run_dir)
     if resume is not None:  # a missing checkpoint is an error now, not after the model is built
         resume = resolve_checkpoint(resume)
     # So is a run directory that cannot be written, or that holds another run: on every rank, before any
@@ -160,7 +161,7 @@ def run(
     engine = Engine(
         objective,
         ds_config,
-        run_dir=run_dir,
+        config_file=paths.deepspeed_config,
         expert_parallel_size=parallel.expert_parallel_size,
         timeout_minutes=parallel.timeout_minutes,
     )
@@ -170,7 +171,7 @@ def run(
         if not torch.cuda.is_available():
             print(describe_host_memory())  # CPU speed hinges on it (megamoe.engine.host_memory)
         # The run as it ran, overrides applied (the model card shows it).
-        (run_dir / RUN_CONFIG_FILENAME).write_text(yaml.safe_dump(asdict(config), sort_keys=False))
+        paths.run_config.write_text(yaml.safe_dump(asdict(config), sort_keys=False))
 
     # 5. Batches: one task per micro-batch, same schedule on every rank, examples sharded by rank.
     collate = MultiTaskCollator(tokenizer.pad_token_id)
@@ -194,7 +195,7 @@ def run(
         model.config.save_pretrained(directory)
         tokenizer.save_pretrained(directory)
 
-    logger = RunLogger(run_dir / "tensorboard", enabled=rank == 0, tensorboard=config.logging.tensorboard)
+    logger = RunLogger(paths.tensorboard, enabled=rank == 0, tensorboard=config.logging.tensorboard)
     trainer = Trainer(
         engine,
         batches,
@@ -215,7 +216,7 @@ def run(
     )
     checkpointer = Checkpointer(
         engine.engine,
-        run_dir / "checkpoints",
+        paths.checkpoints,
         topology=Topology(world_size, parallel.expert_parallel_size, parallel.zero_stage),
         rank_local={"batches": batches, "weighting": objective.weighting, "trainer": trainer},
         write_hf_files=write_hf_files,
@@ -226,7 +227,7 @@ def run(
         if rank == 0:
             print(f"resumed from step {step} ({resume})")
     history = trainer.fit()
-    last_checkpoint = run_dir / "checkpoints" / tag_for(trainer.step)
+    last_checkpoint = paths.checkpoints / tag_for(trainer.step)
     if not last_checkpoint.is_dir():
         last_checkpoint = checkpointer.save(trainer.step)
     logger.close()
@@ -237,13 +238,13 @@ def run(
     )
     if rank == 0:
         print(format_metrics_table(metrics))
-        write_json_atomic(run_dir / "metrics.json", metrics)
+        write_json_atomic(paths.metrics, metrics)
         write_json_atomic(
-            run_dir / "expert_utilization.json",
+            paths.expert_utilization,
             {"fractions": utilization.fractions(), "imbalance": utilization.imbalance()},
         )
-        write_json_atomic(run_dir / "history.json", [asdict(record) for record in history])
-        export_checkpoint(last_checkpoint, run_dir / "model")
-        save_model_card(run_dir / "model")
+        write_json_atomic(paths.history, [asdict(record) for record in history])
+        export_checkpoint(last_checkpoint, paths.model)
+        save_model_card(paths.model)
     dist.barrier()
     return RunResult(run_dir=run_dir, metrics=metrics, history=history)

@@ -23,11 +23,9 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..model import MegaMoEConfig, MegaMoEForMultiTask
+from ..run_dir import RunDir
 
 PLOT_FILENAME = "expert_utilization.png"
-METRICS_FILENAME = "metrics.json"
-UTILIZATION_FILENAME = "expert_utilization.json"
-RUN_CONFIG_FILENAME = "config.yaml"
 """The resolved run config in a run directory, read as ``training_config`` when none is passed."""
 
 _HF_TASK = {
@@ -111,16 +109,15 @@ class RunArtifacts:
 
 def read_run_artifacts(run_dir: str | Path) -> RunArtifacts:
     """``metrics.json``, ``expert_utilization.json`` and ``config.yaml`` of ``run_dir``, each None when absent."""
-    run_dir = Path(run_dir)
+    paths = RunDir(Path(run_dir))
 
-    def read(name: str, parse: Any) -> Any:
-        path = run_dir / name
+    def read(path: Path, parse: Any) -> Any:
         return parse(path.read_text(encoding="utf-8")) if path.is_file() else None
 
     return RunArtifacts(
-        metrics=read(METRICS_FILENAME, json.loads),
-        utilization=read(UTILIZATION_FILENAME, json.loads),
-        training_config=read(RUN_CONFIG_FILENAME, yaml.safe_load),
+        metrics=read(paths.metrics, json.loads),
+        utilization=read(paths.expert_utilization, json.loads),
+        training_config=read(paths.run_config, yaml.safe_load),
     )
 
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..tasks.metrics import write_text_atomic
+from ..run_dir import RunDir, write_text_atomic
 
 LATEST = "latest"
 RUN_INFO = "megamoe.json"
@@ -74,7 +74,7 @@ def tag_for(step: int) -> str:
 def resolve_checkpoint(path: str | Path) -> Path:
     """A tag directory, from itself, from a checkpoints directory (its ``latest``), or from a run directory."""
     path = Path(path)
-    for directory in (path, path / "checkpoints"):
+    for directory in (path, RunDir(path).checkpoints):
         latest = directory / LATEST
         if latest.is_file():
             tag_dir = directory / latest.read_text().strip()

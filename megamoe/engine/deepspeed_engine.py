@@ -318,7 +318,7 @@ class Engine:
         module: nn.Module,
         config: dict[str, Any],
         *,
-        run_dir: str | Path | None = None,
+        config_file: Path | None = None,
         expert_parallel_size: int = 1,
         timeout_minutes: float = 30.0,
     ):
@@ -333,9 +333,9 @@ class Engine:
             setattr(module, "config", backbone[1].config)  # noqa: B010 (nn.Module typing of attributes)
         elif expert_parallel_size > 1:
             shard_experts(module, expert_parallel_size)
-        if run_dir is not None and dist.get_rank() == 0:
-            Path(run_dir).mkdir(parents=True, exist_ok=True)
-            (Path(run_dir) / "deepspeed_config.json").write_text(json.dumps(config, indent=2))
+        if config_file is not None and dist.get_rank() == 0:  # the DeepSpeed JSON as it ran, for the user
+            config_file.parent.mkdir(parents=True, exist_ok=True)
+            config_file.write_text(json.dumps(config, indent=2))
         _cast_parameters_built_outside_zero_init(module, config)
         weight_decay = config["optimizer"]["params"]["weight_decay"]
         self.engine, _, _, self.scheduler = deepspeed.initialize(

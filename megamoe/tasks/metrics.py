@@ -1,10 +1,6 @@
 """Task metrics, per-task expert utilization, and the metrics table / metrics.json of a run."""
 
-import json
-import os
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -98,27 +94,3 @@ def format_metrics_table(metrics: dict[str, dict[str, dict[str, float]]]) -> str
     return "\n".join(
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in rows
     )
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write through a synced temporary file and a rename: a reader sees the old content or the new, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
-        tmp.write(text)
-        tmp.flush()
-        # A temporary file is created 0600; the result gets the mode any file the user writes gets.
-        os.fchmod(tmp.fileno(), 0o666 & ~_current_umask())
-        os.fsync(tmp.fileno())
-    os.replace(tmp.name, path)
-
-
-def _current_umask() -> int:
-    umask = os.umask(0)  # the only way to read it is to set it
-    os.umask(umask)
-    return umask
-
-
-def write_json_atomic(path: str | Path, payload: Any) -> None:
-    """`write_text_atomic` of ``payload`` as indented JSON."""
-    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True))

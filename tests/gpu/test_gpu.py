@@ -62,7 +62,7 @@ def test_bf16_steps_of_the_quickstart_model_train_and_export_what_it_computes(nc
     )
     objective = MultiTaskObjective(model, build_weighting("static", list(model.config.tasks)))
     train = TrainSection(max_steps=4, micro_batch_size=4, precision="bf16", lr=1e-3, warmup_ratio=0.0)
-    engine = Engine(objective, deepspeed_config(train, ParallelSection(zero_stage=2)), run_dir=tmp_path)
+    engine = Engine(objective, deepspeed_config(train, ParallelSection(zero_stage=2)))
     ids = torch.randint(1000, 30000, (4, 12))
     batch = {
         "task": "topic",

@@ -30,7 +30,7 @@ class Counter:
 def make_checkpointer(run_dir, keep_last: int) -> tuple[Checkpointer, Counter]:
     torch.manual_seed(0)
     model = MegaMoEForMultiTask(tiny_config())
-    engine = Engine(model, deepspeed_config(TrainSection(max_steps=4)), run_dir=run_dir)
+    engine = Engine(model, deepspeed_config(TrainSection(max_steps=4)))
     counter = Counter()
     checkpointer = Checkpointer(
         engine.engine,
@@ -167,7 +167,7 @@ def test_export_writes_sharded_safetensors_that_compute_what_the_live_model_comp
     torch.manual_seed(0)
     model = MegaMoEForMultiTask(tiny_config())
     objective = MultiTaskObjective(model, build_weighting("static", list(model.config.tasks)))
-    engine = Engine(objective, deepspeed_config(TrainSection(max_steps=4)), run_dir=tmp_path)
+    engine = Engine(objective, deepspeed_config(TrainSection(max_steps=4)))
 
     checkpointer = exportable_checkpointer(tmp_path, model, engine, zero_stage=0)
     out = export_checkpoint(checkpointer.save(1), tmp_path / "exported", max_shard_size="40KB")
@@ -211,7 +211,7 @@ def test_a_zero3_bf16_checkpoint_exports_in_bf16_consolidated_into_file_mappings
     initial_head = model.heads["topic"].out_proj.weight.detach().clone()
     objective = MultiTaskObjective(model, build_weighting("static", list(model.config.tasks)))
     train = TrainSection(max_steps=4, precision="bf16", lr=1e-2, warmup_ratio=0.0)
-    engine = Engine(objective, deepspeed_config(train, ParallelSection(zero_stage=3)), run_dir=tmp_path)
+    engine = Engine(objective, deepspeed_config(train, ParallelSection(zero_stage=3)))
     ids = torch.randint(1, 64, (2, 7))
     batch = {
         "task": "topic",
@@ -259,7 +259,7 @@ def test_an_hf_moe_backbone_exports_in_its_fused_layout_and_computes_what_the_li
     AutoModelForCausalLM.from_config(tiny_hf_moe_config("qwen3_moe")).save_pretrained(tmp_path / "published")
     model = load_hf_moe(str(tmp_path / "published"), tasks=TASKS, dtype=torch.float32)
     objective = MultiTaskObjective(model, build_weighting("static", list(TASKS)))
-    engine = Engine(objective, deepspeed_config(TrainSection(max_steps=4)), run_dir=tmp_path)
+    engine = Engine(objective, deepspeed_config(TrainSection(max_steps=4)))
     out = export_checkpoint(
         exportable_checkpointer(tmp_path, model, engine, zero_stage=0).save(1), tmp_path / "out"
     )

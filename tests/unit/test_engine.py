@@ -82,7 +82,7 @@ def test_a_tiny_model_learns_every_task(tmp_path):
     torch.manual_seed(0)
     model = MegaMoEForMultiTask(tiny_config())
     train = TrainSection(max_steps=150, micro_batch_size=8, lr=3e-3, warmup_ratio=0.1, weight_decay=0.0)
-    engine = Engine(model, deepspeed_config(train), run_dir=tmp_path)
+    engine = Engine(model, deepspeed_config(train), config_file=tmp_path / "deepspeed_config.json")
     assert json.loads((tmp_path / "deepspeed_config.json").read_text())["optimizer"]["type"] == "AdamW"
     history = Trainer(engine, synthetic_batches(), max_steps=train.max_steps, show_progress=False).fit()
     assert len(history) == 150 and history[-1].step == 150
@@ -432,7 +432,7 @@ def test_a_step_with_a_nan_loss_is_skipped_counted_and_left_out_of_the_logged_me
     from megamoe.engine.run_logger import RunLogger
 
     logger = RunLogger(tmp_path, enabled=True)
-    logger.log_step(6, history, 1.0, skipped_steps=len(trainer.skipped_steps))
+    logger.log_step(6, history, 1.0, trainer.last_router_stats, skipped_steps=len(trainer.skipped_steps))
     logger.close()
     events = EventAccumulator(str(tmp_path))
     events.Reload()

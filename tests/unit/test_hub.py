@@ -23,7 +23,8 @@ from transformers import AutoTokenizer
 from megamoe import MegaMoEForMultiTask
 from megamoe.checkpoint.hub import HubAuthError, push_to_hub
 from megamoe.checkpoint.model_card import build_model_card
-from megamoe.tasks.metrics import ExpertUtilization, write_json_atomic
+from megamoe.run_dir import write_json_atomic
+from megamoe.tasks.metrics import ExpertUtilization
 from tests.conftest import TASKS, tiny_config
 from tests.hub_server import HubServer
 

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from megamoe.model import RouterStats
+from megamoe.run_dir import write_json_atomic
 from megamoe.tasks.metrics import (
     ExpertUtilization,
     classification_metrics,
     format_metrics_table,
     ner_metrics,
     regression_metrics,
-    write_json_atomic,
 )
 
 

@@ -142,9 +142,7 @@ def test_a_filesystem_without_room_for_one_checkpoint_is_refused_and_a_tight_one
     parameters = sum(p.numel() for p in MegaMoEForMultiTask(config).parameters())
     checkpoint = parameters * (4 + 12)  # fp32 weights, fp32 master, Adam's two moments
     fake_disk(monkeypatch, checkpoint - 1)
-    with pytest.raises(
-        ConfigError, match=r"x 16 bytes: the weights, the fp32 master weights and Adam's two"
-    ):
+    with pytest.raises(ConfigError, match=r"x 16 bytes: the weights, the fp32 master weights and Adam's two"):
         check_free_space(tmp_path / "run", config, torch.float32, keep_last=2)
     fake_disk(monkeypatch, checkpoint)  # one fits, the 2 kept + 1 being written + the export do not
     check_free_space(tmp_path / "run", config, torch.float32, keep_last=2)
