@@ -158,9 +158,8 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = state["step"]
-        self.skipped_steps = list(
-            state.get("skipped_steps", [])
-        )  # checkpoints from before 2026-12-02 have none
+        # Checkpoints written before 2026-12-02 have no skipped steps.
+        self.skipped_steps = list(state.get("skipped_steps", []))
         self.history = [StepRecord(**r) for r in state["history"]]
         self._logged = len(self.history)
         self.evaluations = list(state["evaluations"])
