@@ -18,7 +18,14 @@ import yaml
 
 from .checkpoint.export import export_checkpoint
 from .checkpoint.model_card import save_model_card
-from .checkpoint.resume import Checkpointer, CheckpointError, Topology, resolve_checkpoint, tag_for
+from .checkpoint.resume import (
+    Checkpointer,
+    CheckpointError,
+    Topology,
+    newest_whole_checkpoint,
+    resolve_checkpoint,
+    tag_for,
+)
 from .config import ConfigError, ExperimentConfig
 from .data.collate import MultiTaskCollator
 from .data.pipeline import prepare_task_data
@@ -95,7 +102,7 @@ def run(
     run_dir = Path(config.run_dir)
     paths = RunDir(run_dir)
     if resume is not None:  # a missing checkpoint is an error now, not after the model is built
-        resume = resolve_checkpoint(resume)
+        resolve_checkpoint(resume)
     # So is a run directory that cannot be written, or that holds another run: on every rank, before any
     # waits for the others.
     check_run_dir(run_dir, resuming=resume is not None)
@@ -105,6 +112,9 @@ def run(
     init_distributed(parallel.timeout_minutes)
     rank, world_size = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(config.train.seed)
+    # The newest checkpoint every rank finds whole: from a run directory, past a damaged one.
+    if resume is not None:
+        resume = newest_whole_checkpoint(resume)
 
     with local_main_first():
         # 1. Refuse a config that does not fit the launched ranks, before any data or model work.

@@ -97,7 +97,7 @@ def damaged_files(tag_dir: Path) -> list[Path]:
     return [file for file in sorted(tag_dir.glob("*.pt")) if not zipfile.is_zipfile(file)]
 
 
-def _newest_whole_checkpoint(path: str | Path) -> Path:
+def newest_whole_checkpoint(path: str | Path) -> Path:
     """`resolve_checkpoint`'s checkpoint when it is whole on every rank. Else, for a run or checkpoints
     directory, the newest older complete checkpoint that is (said on rank 0); a damaged one named directly is
     an error naming the file. Every rank checks every file, and the ranks agree through one all-reduce (a
@@ -209,7 +209,7 @@ class Checkpointer:
     def load(self, path: str | Path) -> int:
         """Restore from ``path`` (see `resolve_checkpoint`; from a run or checkpoints directory, the newest
         checkpoint that is whole); returns the step it was saved at."""
-        tag_dir = _newest_whole_checkpoint(path)
+        tag_dir = newest_whole_checkpoint(path)
         info = read_run_info(tag_dir)
         saved = Topology(**info["topology"])
         if saved != self.topology:

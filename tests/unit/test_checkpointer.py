@@ -288,3 +288,31 @@ def test_resuming_an_expert_parallel_checkpoint_of_the_per_expert_optimizer_layo
     )
     with pytest.raises(CheckpointError, match=r"layout of an older megamoe.*megamoe export"):
         checkpointer.load(tmp_path)
+
+
+def test_megamoe_train_resume_hands_the_run_directory_on_so_it_can_fall_back(tmp_path, monkeypatch, capsys):
+    """`megamoe train --resume RUN_DIR` must not resolve RUN_DIR to its `latest` tag up front: that would name
+    the tag directly, and a damaged `latest` would be an error instead of a fall-back."""
+    from megamoe import train as train_module
+
+    run_dir = tmp_path / "run"
+    tag = run_dir / "checkpoints" / tag_for(2)
+    tag.mkdir(parents=True)
+    (tag / resume.RUN_INFO).write_text("{}")
+    (run_dir / "checkpoints" / resume.LATEST).write_text(tag.name)
+    handed = []
+
+    def newest_whole_checkpoint(path):
+        handed.append(path)
+        raise CheckpointError("stop here")
+
+    monkeypatch.setattr(train_module, "newest_whole_checkpoint", newest_whole_checkpoint)
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"run_dir: {run_dir}\n"
+        "model: {init: upcycle, base: builtin:all-MiniLM-L6-v2}\n"
+        "tasks: {topic: {type: sequence_classification, source: 'builtin:bbc_news'}}\n"
+    )
+    assert main(["train", str(config), "--resume"]) == 2
+    assert "stop here" in capsys.readouterr().err
+    assert [str(path) for path in handed] == [str(run_dir)]
