@@ -1,0 +1,219 @@
+"""The quickstart's one multi-task MoE against three dense single-task fine-tunes of the same checkpoint, in the
+same training time (issue 14's comparison).
+
+    python bench/quickstart_vs_dense.py                     # 2 seeds, the dense sweep below: ~3 h on 2 CPU cores
+    python bench/quickstart_vs_dense.py --quick             # a few steps of everything: checks the bench itself
+
+For each seed it runs, on 2 ranks through the deepspeed launcher (the quickstart's harness for every run):
+- the quickstart as shipped (`configs/quickstart.yaml`, ``train.seed`` = the seed), its training time T measured
+  from the first to the last optimizer step;
+- for each task, dense fine-tunes of the same all-MiniLM-L6-v2 (`moe_layer_freq: 0`, that task alone) over a
+  sweep of learning rate x max length, each trained for the steps that fit in T / 3 at its measured step time
+  (one short calibration run per length). The dense side's best configuration per task is picked on
+  validation, per seed, and reported on test: a tuned baseline, whose tuning runs are not charged to it.
+
+It prints the table (test metric per task, mean and spread over seeds), writes every run to ``--out`` and a bar
+plot to ``--plot``. Run it on a machine nothing else uses: the budget is wall time.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "configs" / "quickstart.yaml"
+METRIC = {"topic": "accuracy", "sentiment": "accuracy", "ner": "f1"}
+
+
+def train(config: dict[str, Any], work: Path, name: str) -> dict[str, Any]:
+    """``megamoe train`` of ``config`` on 2 ranks; its metrics and its training seconds."""
+    run_dir = work / name
+    config = {**config, "run_dir": str(run_dir)}
+    config_file = work / f"{name}.yaml"
+    config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+    launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--no_local_rank"]
+    command = [*launcher, __file__, "--worker", str(config_file), str(work / f"{name}.json")]
+    result = subprocess.run(
+        command, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        sys.exit(f"{name} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
+    return json.loads((work / f"{name}.json").read_text())
+
+
+def worker(config_file: str, out: str) -> None:
+    """Under the launcher: `megamoe.train.run` with a callback timing the optimizer steps, in the host memory
+    setup `megamoe train` has (restarted under tcmalloc where installed, transparent huge pages)."""
+    from megamoe.cli import restart_cpu_training_with_caching_allocator
+    from megamoe.engine.host_memory import enable_transparent_huge_pages
+
+    restart_cpu_training_with_caching_allocator()
+    enable_transparent_huge_pages()
+    import torch.distributed as dist
+
+    from megamoe.config import load_config
+    from megamoe.engine.callbacks import TrainerCallback
+    from megamoe.train import run
+
+    class TrainTime(TrainerCallback):
+        def on_fit_start(self, trainer):
+            self.ends = [time.perf_counter()]
+
+        def on_step_end(self, trainer, step):
+            self.ends.append(time.perf_counter())
+
+    timer = TrainTime()
+    result = run(load_config(config_file), show_progress=False, callbacks=[timer])
+    ends = timer.ends
+    steady = ends[len(ends) // 4 :]  # the first quarter holds the warm-up (allocator, first-step compiles)
+    if dist.get_rank() == 0:
+        report = {
+            "train_seconds": ends[-1] - ends[0],
+            "steady_seconds_per_step": (steady[-1] - steady[0]) / max(len(steady) - 1, 1),
+            "metrics": result.metrics,
+        }
+        Path(out).write_text(json.dumps(report))
+    dist.destroy_process_group()  # exiting with live gloo threads aborts the process
+
+
+def dense_config(
+    quickstart: dict[str, Any], task: str, *, lr: float, max_length: int, steps: int
+) -> dict[str, Any]:
+    """The dense single-task fine-tune of the quickstart's checkpoint, in its harness."""
+    config = json.loads(json.dumps(quickstart))  # a deep copy
+    config["model"] = {
+        "init": "upcycle",
+        "base": quickstart["model"]["base"],
+        "architecture": {"moe_layer_freq": 0},
+    }
+    config["tasks"] = {
+        task: {key: value for key, value in quickstart["tasks"][task].items() if key != "epochs"}
+    }
+    config["data"] = {**config["data"], "max_length": max_length, "sampling": "proportional"}
+    config["train"] = {**config["train"], "lr": lr, "max_steps": steps}
+    config["parallel"] = {**config["parallel"], "expert_parallel_size": 1}
+    config["checkpoint"] = {"every_steps": 0, "keep_last": 1}
+    return config
+
+
+def score(metrics: dict[str, Any], task: str, split: str) -> float:
+    return metrics[task][split][METRIC[task]]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--dense-lrs", type=float, nargs="+", default=[3e-5, 1e-4, 3e-4])
+    parser.add_argument("--dense-lengths", type=int, nargs="+", default=[64, 128])
+    parser.add_argument(
+        "--quick", action="store_true", help="20 quickstart steps, one dense setting: checks the bench"
+    )
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "quickstart_vs_dense.json")
+    parser.add_argument("--plot", type=Path, help="a PNG of the test metrics, MoE beside dense")
+    parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(*args.worker)
+        return
+    quickstart = yaml.safe_load(QUICKSTART.read_text())
+    if args.quick:
+        quickstart["train"]["max_steps"] = 20
+        args.seeds, args.dense_lrs, args.dense_lengths = (
+            args.seeds[:1],
+            args.dense_lrs[:1],
+            args.dense_lengths[:1],
+        )
+    tasks = sorted(quickstart["tasks"])
+    from tqdm.auto import tqdm
+
+    report: dict[str, Any] = {"command": sys.argv, "seeds": {}}
+    with tempfile.TemporaryDirectory(prefix="megamoe-vs-dense-") as tmp:
+        work = Path(tmp)
+        # Dense step time per length, from a short run (the tasks' batches have the same shape at one length);
+        # the dense runs also pay their warm-up within T / 3, a few steps' worth.
+        calibration = {}
+        for length in args.dense_lengths:
+            steps = 20
+            timed = train(
+                dense_config(quickstart, "sentiment", lr=1e-4, max_length=length, steps=steps),
+                work,
+                f"calibrate_{length}",
+            )
+            calibration[length] = timed["steady_seconds_per_step"]
+        report["dense_seconds_per_step"] = calibration
+        runs = [
+            (seed, task, lr, length)
+            for seed in args.seeds
+            for task in tasks
+            for lr in args.dense_lrs
+            for length in args.dense_lengths
+        ]
+        progress = tqdm(total=len(args.seeds) + len(runs), desc="runs")
+        for seed in args.seeds:
+            moe = train({**quickstart, "train": {**quickstart["train"], "seed": seed}}, work, f"moe_{seed}")
+            progress.update(1)
+            budget = moe["train_seconds"] / len(tasks)
+            dense: dict[str, Any] = {}
+            for task in tasks:
+                tried = []
+                for lr in args.dense_lrs:
+                    for length in args.dense_lengths:
+                        steps = max(1, int(budget / calibration[length]))
+                        config = dense_config(quickstart, task, lr=lr, max_length=length, steps=steps)
+                        config["train"]["seed"] = seed
+                        result = train(config, work, f"dense_{seed}_{task}_{lr}_{length}")
+                        tried.append({"lr": lr, "max_length": length, "steps": steps, **result})
+                        progress.update(1)
+                best = max(tried, key=lambda run: score(run["metrics"], task, "validation"))
+                dense[task] = {"best": best, "tried": tried}
+            report["seeds"][seed] = {"moe": moe, "dense": dense}
+        progress.close()
+
+    rows = []
+    for task in tasks:
+        moe = [score(r["moe"]["metrics"], task, "test") for r in report["seeds"].values()]
+        dense = [score(r["dense"][task]["best"]["metrics"], task, "test") for r in report["seeds"].values()]
+        rows.append((task, moe, dense))
+        print(
+            f"{task:10s} test {METRIC[task]:8s}  MoE {statistics.mean(moe):.4f} (range {min(moe):.4f}-{max(moe):.4f})"
+            f"  dense {statistics.mean(dense):.4f} (range {min(dense):.4f}-{max(dense):.4f})"
+        )
+    seconds = [r["moe"]["train_seconds"] for r in report["seeds"].values()]
+    print(f"training time per seed: {', '.join(f'{s:.0f} s' for s in seconds)} (the dense three share each)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        figure, axes = plt.subplots(figsize=(6, 3.5))
+        for offset, (label, values) in enumerate((("MoE (quickstart)", 1), ("dense x 3, same time", 2))):
+            means = [statistics.mean(row[values]) for row in rows]
+            spread = [
+                [m - min(row[values]) for m, row in zip(means, rows, strict=True)],
+                [max(row[values]) - m for m, row in zip(means, rows, strict=True)],
+            ]
+            axes.bar(
+                [i + 0.4 * offset for i in range(len(rows))], means, 0.4, yerr=spread, label=label, capsize=3
+            )
+        axes.set_xticks([i + 0.2 for i in range(len(rows))], [f"{row[0]} ({METRIC[row[0]]})" for row in rows])
+        axes.set_ylabel("test metric")
+        axes.legend()
+        figure.tight_layout()
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(args.plot, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
