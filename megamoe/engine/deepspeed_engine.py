@@ -17,6 +17,7 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from deepspeed.runtime.zero.utils import is_zero_param
+from deepspeed.utils import safe_set_local_grad
 from torch import nn
 
 from ..config import ParallelSection, TrainSection
@@ -271,6 +272,38 @@ def _skip_unless_finite(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any
         for param in params:
             param.grad = None
 
+class IdleGradientZeroFill:
+    """Under ZeRO-3, a parameter no gradient reached in an accumulation window (the head of a task no
+    micro-batch of the window trained) steps with a zero gradient, as under ZeRO-1/2 and in one process.
+
+    DeepSpeed's ZeRO-3 (0.19.8) keeps each parameter's reduced gradient partition in a buffer that only a
+    gradient arriving in the window overwrites (`DeepSpeedZeroOptimizer_Stage3.partition_grads`), and at the
+    step hands every parameter's buffer to the optimizer and the clipping norm
+    (`independent_gradient_partition_epilogue`): an idle parameter steps with the gradient of the last window
+    that used it, which no checkpoint holds, so a resumed run steps it with zeros instead. ZeRO-1/2 fill a
+    missing gradient with zeros (`get_flat_partition`). This fills the idle parameters' partitions with zeros
+    before the step, through DeepSpeed's public `safe_set_local_grad` (which also covers ZeRO-Offload's fp32
+    gradients). tests/unit/test_engine.py shows DeepSpeed's behaviour without it, and fails once DeepSpeed
+    zero-fills by itself.
+
+    Cost: a hook call per parameter per backward, recording that its gradient arrived, and at the step a fill
+    of the idle parameters' local partitions; no collective.
+    """
+
+    def __init__(self, module: nn.Module):
+        # ZeRO-3 parameters: `nn.Parameter`s with DeepSpeed's untyped ``ds_*`` attributes.
+        self.params: list[Any] = [p for p in module.parameters() if p.requires_grad]
+        self.received: set[nn.Parameter] = set()
+        for param in self.params:
+            param.register_post_accumulate_grad_hook(self.received.add)
+
+    def before_step(self) -> None:
+        """At the accumulation boundary, after the last backward of the window."""
+        for param in self.params:
+            if param not in self.received:
+                safe_set_local_grad(param, torch.zeros_like(param.ds_tensor))
+        self.received.clear()
+
 
 class CollectiveError(RuntimeError):
     """A collective failed or timed out: another rank died, is stuck, or the network broke."""
@@ -347,6 +380,9 @@ class Engine:
             _lookup(config, key) for key in ("zero_optimization.stage", "bf16.enabled", "fp16.enabled")
         ):
             self.engine.optimizer.register_step_pre_hook(_skip_unless_finite)
+        self.idle_gradients = (
+            IdleGradientZeroFill(self.engine.module) if self.engine.zero_optimization_stage() == 3 else None
+        )
 
     @property
     def device(self) -> torch.device:
@@ -373,6 +409,8 @@ class Engine:
             output = self.engine(**self._to_device(batch))
         with collective_phase(f"the backward pass of {where}", self.timeout_minutes):
             self.engine.backward(output.loss)
+        if self.idle_gradients is not None and self.engine.is_gradient_accumulation_boundary():
+            self.idle_gradients.before_step()
         with collective_phase(f"the optimizer step after {where}", self.timeout_minutes):
             self.engine.step()
         return output

@@ -15,7 +15,7 @@ from megamoe.engine.deepspeed_engine import Engine, deepspeed_config
 from megamoe.engine.trainer import Trainer
 from megamoe.tasks.objective import MultiTaskObjective
 from megamoe.tasks.weighting import build_weighting
-from tests.distributed.ep_worker import MICRO_BATCH, global_batch, tiny_model
+from tests.distributed.ep_worker import MICRO_BATCH, TASK_NAMES, global_batch, tiny_model
 
 STEPS, POISONED_STEP = 6, 4
 
@@ -36,8 +36,8 @@ def main() -> None:
     parser.add_argument("--zero-stage", type=int, required=True)
     parser.add_argument("--ep-size", type=int, default=2)
     args = parser.parse_args()
-    model = tiny_model(4, task_names=("topic",))
-    objective = PoisonedOnRank1(model, build_weighting("dwa", ["topic"]))
+    model = tiny_model(4)  # topic trains, sentiment's head stays idle
+    objective = PoisonedOnRank1(model, build_weighting("dwa", list(TASK_NAMES)))
     train = TrainSection(max_steps=STEPS, micro_batch_size=MICRO_BATCH, lr=1e-2, warmup_ratio=0.0)
     parallel = ParallelSection(expert_parallel_size=args.ep_size, zero_stage=args.zero_stage)
     engine = Engine(objective, deepspeed_config(train, parallel), expert_parallel_size=args.ep_size)

@@ -34,9 +34,9 @@ BACKBONES = ["qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3", "olmoe"]
 def runs(request, tmp_path_factory):
     backbone = request.param
     one = tmp_path_factory.mktemp(f"{backbone}_one_process")
-    single_process(*worker(one, backbone=backbone, zero_stage=3, num_tasks=1))
+    single_process(*worker(one, backbone=backbone, zero_stage=3))
     two = tmp_path_factory.mktemp(f"{backbone}_autoep2_zero3")
-    deepspeed_launch(*worker(two, backbone=backbone, zero_stage=3, ep_size=2, save_at=2, num_tasks=1))
+    deepspeed_launch(*worker(two, backbone=backbone, zero_stage=3, ep_size=2, save_at=2))
     return one, two
 
 
@@ -69,9 +69,7 @@ def test_autoep_export_holds_what_the_live_sharded_model_computed(runs):
 def test_autoep_resume_continues_exactly(runs, tmp_path):
     two = runs[1]
     resume = two / "checkpoints" / "step_00000002"
-    deepspeed_launch(
-        *worker(tmp_path, backbone="qwen3_moe", zero_stage=3, ep_size=2, resume=resume, num_tasks=1)
-    )
+    deepspeed_launch(*worker(tmp_path, backbone="qwen3_moe", zero_stage=3, ep_size=2, resume=resume))
     assert losses(tmp_path) == losses(two)[2:]
     assert_same_weights(weights(tmp_path), weights(two), atol=0)
 

@@ -515,3 +515,50 @@ def test_callbacks_run_in_order_around_each_step_evaluation_and_checkpoints_at_t
     logged.Reload()
     assert [event.step for event in logged.Scalars("train/loss")] == [2, 4, 5]
     assert [event.step for event in logged.Histograms("expert_load/layer_1")] == [2, 4, 5], "router stats"
+
+
+def _zero_engine(zero_stage: int, offload_optimizer: bool = False) -> tuple[MegaMoEForMultiTask, Engine]:
+    from megamoe.tasks.objective import MultiTaskObjective
+    from megamoe.tasks.weighting import build_weighting
+
+    torch.manual_seed(0)
+    model = MegaMoEForMultiTask(tiny_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    objective = MultiTaskObjective(model, build_weighting("static", list(model.config.tasks)))
+    train = TrainSection(max_steps=6, micro_batch_size=8, lr=1e-2, warmup_ratio=0.0)
+    parallel = ParallelSection(zero_stage=zero_stage, offload_optimizer=offload_optimizer)
+    return model, Engine(objective, deepspeed_config(train, parallel))
+
+
+@pytest.mark.parametrize("offload_optimizer", [False, True], ids=["zero3", "zero3_offload"])
+def test_under_zero3_an_idle_head_steps_with_a_zero_gradient_as_under_zero2(offload_optimizer):
+    """One task per step (topic, ner, sentiment, ...): two of the three heads are idle in every step. ZeRO-2
+    steps them with a zero gradient (Adam's moments decay, the weights still move); ZeRO-3 must too."""
+    import deepspeed
+
+    runs = []
+    for zero_stage, offload in ((2, False), (3, offload_optimizer)):
+        model, engine = _zero_engine(zero_stage, offload)
+        losses = [engine.train_step(batch).loss.item() for batch in itertools.islice(synthetic_batches(), 6)]
+        runs.append((model, losses))
+    (zero2, zero2_losses), (zero3, zero3_losses) = runs
+    assert zero3_losses == pytest.approx(zero2_losses, rel=1e-5)
+    with deepspeed.zero.GatheredParameters(list(zero3.parameters())):
+        for name, value in zero3.state_dict().items():
+            torch.testing.assert_close(value, zero2.state_dict()[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_deepspeed_zero3_alone_steps_an_idle_parameter_with_its_last_gradient():
+    """Why `IdleGradientZeroFill` exists. With DeepSpeed's own backward/step (not `Engine.train_step`), the
+    topic head's gradient partition from the step that trained it stays for the next step, which trains
+    another task. When this fails, DeepSpeed zero-fills by itself and the fill can go."""
+    from deepspeed.utils import safe_get_local_grad
+
+    model, engine = _zero_engine(zero_stage=3)
+    ds_engine, head = engine.engine, model.heads["topic"].out_proj.weight
+    grads = []
+    for batch in itertools.islice(synthetic_batches(), 2):  # topic, then ner
+        ds_engine.backward(ds_engine(**batch).loss)
+        grads.append(safe_get_local_grad(head).clone())
+        ds_engine.step()
+    assert grads[0].abs().sum() > 0
+    assert torch.equal(grads[1], grads[0]), "the stale gradient the ner step steps the topic head with"
