@@ -272,6 +272,7 @@ def _skip_unless_finite(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any
         for param in params:
             param.grad = None
 
+
 class IdleGradientZeroFill:
     """Under ZeRO-3, a parameter no gradient reached in an accumulation window (the head of a task no
     micro-batch of the window trained) steps with a zero gradient, as under ZeRO-1/2 and in one process.
