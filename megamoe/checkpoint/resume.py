@@ -106,10 +106,11 @@ def newest_whole_checkpoint(path: str | Path) -> Path:
     named_directly = Path(path).resolve() == latest.resolve()
     older = [] if named_directly else sorted(latest.parent.glob("step_*"), reverse=True)
     candidates = [latest, *(tag for tag in older if tag.name < latest.name and _is_complete(tag))]
-    whole = torch.tensor([not damaged_files(tag) for tag in candidates], dtype=torch.int32)
+    damage = [damaged_files(tag) for tag in candidates]
+    whole = torch.tensor([not files for files in damage], dtype=torch.int32)
     if dist.is_initialized():
         dist.all_reduce(whole, op=dist.ReduceOp.MIN)
-    damaged = damaged_files(latest) or [latest]  # on another rank, if not here
+    damaged = damage[0] or [latest]  # on another rank, if not here
     if not whole.any():
         raise CheckpointError(
             f"{damaged[0]} is truncated or damaged"

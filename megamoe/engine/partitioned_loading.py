@@ -214,10 +214,8 @@ def _load_fused_experts_by_slices(
     if len(set(index.values())) != shape.shape[0]:
         return False  # not one leading slot per expert: not a stacking fusion
     param: Any = model.get_parameter(name)
-    if param.ds_status != ZeroParamStatus.NOT_AVAILABLE:
-        raise RuntimeError(f"parameter {param.ds_id} is {param.ds_status.name}, not partitioned: cannot load")
+    partition, numel, group = _partition_of(param)
     loaded.add(name)
-    partition, numel, group = param.ds_tensor, param.partition_numel(), param.ds_process_group
     if dist.get_rank() != 0:
         dist.recv(partition, src=dist.get_global_rank(group, 0), group=group)
         return True
@@ -295,12 +293,7 @@ def _scatter_into_partition(param: Any, value: torch.Tensor) -> None:
     here (DeepSpeed leaves it uninitialized; a gather cuts it off). tests/distributed/test_partitioned_loading.py
     compares the partitions with GatheredParameters' bit for bit, so a change of layout fails there.
     """
-    # A parameter gathered now would keep its full data, stale once its partition is written.
-    if param.ds_status != ZeroParamStatus.NOT_AVAILABLE:
-        raise RuntimeError(f"parameter {param.ds_id} is {param.ds_status.name}, not partitioned: cannot load")
-    partition = param.ds_tensor
-    numel = param.partition_numel()
-    group = param.ds_process_group
+    partition, numel, group = _partition_of(param)
     if dist.get_rank() != 0:
         dist.scatter(partition, src=0, group=group)
         return
@@ -313,3 +306,12 @@ def _scatter_into_partition(param: Any, value: torch.Tensor) -> None:
             part = torch.cat([part, part.new_zeros(numel - part.numel())])
         slices.append(part)
     dist.scatter(partition, slices, src=0, group=group)
+
+
+def _partition_of(param: Any) -> tuple[torch.Tensor, int, Any]:
+    """ZeRO-3 parameter ``param``'s partition on this rank, its length, and the group it is partitioned over,
+    for writing into (DeepSpeed 0.19.8's layout, see `_scatter_into_partition`)."""
+    # A parameter gathered now would keep its full data, stale once its partition is written.
+    if param.ds_status != ZeroParamStatus.NOT_AVAILABLE:
+        raise RuntimeError(f"parameter {param.ds_id} is {param.ds_status.name}, not partitioned: cannot load")
+    return param.ds_tensor, param.partition_numel(), param.ds_process_group
