@@ -66,6 +66,9 @@ class TaskConfig:
     """Use only the first n training examples (quick runs); `None` = all."""
     max_eval_examples: int | None = None
     """Evaluate on only the first n validation / test examples (quick runs); `None` = all."""
+    max_length: int | None = None
+    """Truncate this task's inputs to n tokens instead of `data.max_length`: long documents (news articles)
+    beside short snippets (tweets), each task at the length it needs; `None` = `data.max_length`."""
 
     def __post_init__(self) -> None:
         _check(self.type in TASK_TYPES, "type", f"{self.type!r} is not one of {list(TASK_TYPES)}")
@@ -82,6 +85,11 @@ class TaskConfig:
         for name in ("max_train_examples", "max_eval_examples"):
             value = getattr(self, name)
             _check(value is None or value > 0, name, f"must be > 0, got {value}")
+        _check(
+            self.max_length is None or self.max_length >= 8,
+            "max_length",
+            f"must be >= 8, got {self.max_length}",
+        )
 
 
 @dataclass
@@ -247,6 +255,10 @@ class CheckpointSection:
     """Save every n optimizer steps (0 = only at the end)."""
     keep_last: int = 2
     """How many checkpoints to keep (older ones are deleted after a newer one is complete)."""
+    verify_on_resume: bool = True
+    """Read every file of the checkpoint resumed from once, split among each node's ranks, to check its CRCs
+    before loading it (~1 GB/s per rank): torch's loader checks none, so a damaged file would load as wrong
+    weights. Off, only files cut short are found (from their last bytes)."""
 
     def __post_init__(self) -> None:
         _check(self.every_steps >= 0, "every_steps", f"must be >= 0, got {self.every_steps}")

@@ -114,7 +114,7 @@ def run(
     torch.manual_seed(config.train.seed)
     # The newest checkpoint every rank finds whole: from a run directory, past a damaged one.
     if resume is not None:
-        resume = newest_whole_checkpoint(resume)
+        resume = newest_whole_checkpoint(resume, verify_contents=config.checkpoint.verify_on_resume)
 
     with local_main_first():
         # 1. Refuse a config that does not fit the launched ranks, before any data or model work.
@@ -127,11 +127,16 @@ def run(
             config.checkpoint.keep_last,
             warn=rank == 0,
         )
-        if config.data.max_length > model_config.max_position_embeddings:
-            raise ConfigError(
-                f"data.max_length: {config.data.max_length} is more than the model's max_position_embeddings "
-                f"{model_config.max_position_embeddings}"
-            )
+        lengths = {"data.max_length": config.data.max_length}
+        lengths.update(
+            {f"tasks.{n}.max_length": t.max_length for n, t in config.tasks.items() if t.max_length}
+        )
+        for where, length in lengths.items():
+            if length > model_config.max_position_embeddings:
+                raise ConfigError(
+                    f"{where}: {length} is more than the model's max_position_embeddings "
+                    f"{model_config.max_position_embeddings}"
+                )
         # 2. Data: load every task, infer its labels, tokenize (the other ranks of the node read the cache).
         tokenizer_source = config.model.tokenizer or config.model.base
         assert tokenizer_source is not None  # validated by ModelSection

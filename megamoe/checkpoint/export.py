@@ -24,6 +24,7 @@ from transformers import AutoTokenizer
 from ..engine.autoep import hf_state_dict
 from ..engine.expert_parallel import unshard_expert_state_dict
 from ..model import MegaMoEConfig, MegaMoEForMultiTask
+from .integrity import damage
 from .resume import CheckpointError, read_run_info, resolve_checkpoint
 
 # The training module is MultiTaskObjective: the network lives under `model.`, the loss weighting beside it.
@@ -104,18 +105,19 @@ def consolidated_state_dict(
 
 
 def _load(path: Path, *, weights_only: bool) -> Any:
-    """``torch.load`` of a checkpoint file, memory-mapped; a file it cannot read is a `CheckpointError`
-    naming it (torch's own error names no file)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
-    except FileNotFoundError:
-        raise  # not damaged but absent: `megamoe export` says the checkpoint is incomplete
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise CheckpointError(
-            f"{path} is truncated or damaged ({reason}): export an earlier step_<n> directory of "
-            f"{path.parent.parent}"
-        ) from None
+    """``torch.load`` of a checkpoint file, memory-mapped, once its CRCs are checked (torch checks none: a
+    damaged record would export as wrong weights); a damaged file is a `CheckpointError` naming it."""
+    problem = damage(path, contents=True) if path.is_file() else None
+    if problem is None:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
+        except FileNotFoundError:
+            raise  # not damaged but absent: `megamoe export` says the checkpoint is incomplete
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+            problem = f"unreadable ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+    raise CheckpointError(
+        f"{path} is {problem}: export an earlier step_<n> directory of {path.parent.parent}"
+    )
 
 
 def _expert_files(tag_dir: Path, config: MegaMoEConfig, expert_parallel_size: int) -> list[Path]:

@@ -13,15 +13,14 @@ is told not to, and ``latest`` is replaced atomically once every rank has writte
 records the step and the topology the shards depend on (checked before DeepSpeed touches anything); ``hf/``
 holds the model config and tokenizer so a checkpoint alone can be exported to an HF directory (`megamoe export`).
 
-A checkpoint whose files were cut short after it completed (a full disk, a copy interrupted) is found before
-DeepSpeed reads it, naming the file; resuming from a run directory then falls back to the newest older
-checkpoint that is whole, and says so.
+A checkpoint whose files were cut short or damaged after it completed (a full disk, a copy interrupted, a bad
+disk) is found before DeepSpeed reads it (`integrity`: torch's loader would not notice), naming the file;
+resuming from a run directory then falls back to the newest older checkpoint that is whole, and says so.
 """
 
 import json
 import random
 import shutil
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,7 +29,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..engine.distributed import collective_device, local_rank, local_world_size
 from ..run_dir import RunDir, write_text_atomic
+from .integrity import damage
 
 LATEST = "latest"
 RUN_INFO = "megamoe.json"
@@ -89,40 +90,54 @@ def resolve_checkpoint(path: str | Path) -> Path:
     )
 
 
-def damaged_files(tag_dir: Path) -> list[Path]:
-    """The files of checkpoint ``tag_dir`` that are not whole. torch's format is a zip archive, whose central
-    directory is its last bytes: a file cut short (a full disk, an interrupted copy) has none, and finding
-    that reads only the end of each file, cheap at any checkpoint size. Damage inside a file is left to the
-    load itself."""
-    return [file for file in sorted(tag_dir.glob("*.pt")) if not zipfile.is_zipfile(file)]
+def newest_whole_checkpoint(path: str | Path, *, verify_contents: bool = True) -> Path:
+    """`resolve_checkpoint`'s checkpoint when every rank finds its files whole (`integrity.damage`). Else, for
+    a run or checkpoints directory, the newest older complete checkpoint that is (said on rank 0); a damaged
+    one named directly is an error naming the file.
 
-
-def newest_whole_checkpoint(path: str | Path) -> Path:
-    """`resolve_checkpoint`'s checkpoint when it is whole on every rank. Else, for a run or checkpoints
-    directory, the newest older complete checkpoint that is (said on rank 0); a damaged one named directly is
-    an error naming the file. Every rank checks every file, and the ranks agree through one all-reduce (a
-    rank on another node may see other files)."""
+    Every rank checks every file's end (a rank on another node may see other files); with
+    ``verify_contents`` the node's ranks also split its files between them and read each once for its CRCs,
+    so damage inside a file is found, not loaded as wrong weights. The ranks agree through one all-reduce
+    per checkpoint checked, newest first."""
     latest = resolve_checkpoint(path)
     named_directly = Path(path).resolve() == latest.resolve()
     older = [] if named_directly else sorted(latest.parent.glob("step_*"), reverse=True)
     candidates = [latest, *(tag for tag in older if tag.name < latest.name and _is_complete(tag))]
-    damage = [damaged_files(tag) for tag in candidates]
-    whole = torch.tensor([not files for files in damage], dtype=torch.int32)
-    if dist.is_initialized():
-        dist.all_reduce(whole, op=dist.ReduceOp.MIN)
-    damaged = damage[0] or [latest]  # on another rank, if not here
-    if not whole.any():
-        raise CheckpointError(
-            f"{damaged[0]} is truncated or damaged"
-            + ("" if named_directly else f", and no older checkpoint in {latest.parent} is whole")
-            + ": resume from another step_<n> directory, or start a new run"
-        )
-    chosen = candidates[int(whole.tolist().index(1))]
-    if chosen != latest and (not dist.is_initialized() or dist.get_rank() == 0):
-        print(
-            f"{damaged[0]} is truncated or damaged: resuming from the previous complete checkpoint, {chosen}"
-        )
-    return chosen
+    is_rank_0 = not dist.is_initialized() or dist.get_rank() == 0
+    first_damage = None
+    for candidate in candidates:
+        found = _damage_seen_here(candidate, verify_contents)
+        for line in found if not is_rank_0 else ():
+            print(f"rank {dist.get_rank()}: {line}", flush=True)  # rank 0 names its own below
+        whole = torch.tensor(0 if found else 1, dtype=torch.int32, device=collective_device())
+        if dist.is_initialized():
+            dist.all_reduce(whole, op=dist.ReduceOp.MIN)
+        if whole.item():
+            if candidate != latest and is_rank_0:
+                print(f"{first_damage}. Resuming from the previous complete checkpoint, {candidate}")
+            return candidate
+        if first_damage is None:
+            first_damage = (
+                found[0] if found else f"{candidate} has a damaged file (named by another rank above)"
+            )
+    raise CheckpointError(
+        f"{first_damage}"
+        + ("" if named_directly else f"; no older checkpoint in {latest.parent} is whole")
+        + ". Resume from another step_<n> directory, or start a new run"
+    )
+
+
+def _damage_seen_here(tag_dir: Path, verify_contents: bool) -> list[str]:
+    """What this rank finds wrong with ``tag_dir``'s files: every file's end, and, with ``verify_contents``,
+    the contents of this rank's share of them on its node."""
+    files = sorted(tag_dir.glob("*.pt"))
+    size, mine = local_world_size(), local_rank() % local_world_size()
+    found = []
+    for index, file in enumerate(files):
+        problem = damage(file, contents=verify_contents and index % size == mine)
+        if problem is not None:
+            found.append(f"{file} is {problem}")
+    return found
 
 
 def _is_complete(tag_dir: Path) -> bool:
@@ -208,9 +223,9 @@ class Checkpointer:
         return tag_dir
 
     def load(self, path: str | Path) -> int:
-        """Restore from ``path`` (see `resolve_checkpoint`; from a run or checkpoints directory, the newest
-        checkpoint that is whole); returns the step it was saved at."""
-        tag_dir = newest_whole_checkpoint(path)
+        """Restore from ``path`` (see `resolve_checkpoint`; `newest_whole_checkpoint` picks one whose files
+        are whole); returns the step it was saved at."""
+        tag_dir = resolve_checkpoint(path)
         info = read_run_info(tag_dir)
         saved = Topology(**info["topology"])
         if saved != self.topology:

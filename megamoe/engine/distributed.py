@@ -34,6 +34,8 @@ def init_distributed(timeout_minutes: float = 30.0) -> None:
             MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1"
         )
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":  # before any collective: each rank's tensors on its own GPU, not all on cuda:0
+        torch.cuda.set_device(local_rank() % torch.cuda.device_count())
     timeout = timedelta(minutes=timeout_minutes)
     set_default_group_timeout(timeout)
     if backend == "gloo":  # only DeepSpeed's CPU accelerator has the shm all-reduce
@@ -57,6 +59,20 @@ def set_default_group_timeout(timeout: timedelta) -> None:
 
 def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def local_world_size() -> int:
+    """How many ranks this node runs: torchrun's ``LOCAL_WORLD_SIZE``, the deepspeed launcher's ``LOCAL_SIZE``;
+    1 when neither says (then each rank counts as a node of its own)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
+
+
+def collective_device() -> torch.device:
+    """Where a tensor for a world-group collective lives: this rank's GPU under NCCL (which takes no CPU
+    tensor), the CPU under gloo or without a process group."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 @contextmanager

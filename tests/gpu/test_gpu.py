@@ -123,3 +123,19 @@ def test_a_bf16_moe_layer_step_reads_nothing_back_to_the_host(capacity_factor):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(x.grad).all() and all(torch.isfinite(p.grad).all() for p in layer.parameters())
+
+
+def test_choosing_the_checkpoint_to_resume_all_reduces_on_the_gpu_under_nccl(nccl_group, tmp_path):
+    """NCCL takes no CPU tensor: the ranks' agreement on a whole checkpoint must run on this rank's GPU."""
+    import json
+
+    from megamoe.checkpoint.resume import LATEST, RUN_INFO, newest_whole_checkpoint, tag_for
+
+    tag_dir = tmp_path / "checkpoints" / tag_for(1)
+    tag_dir.mkdir(parents=True)
+    torch.save({"weight": torch.ones(8)}, tag_dir / "mp_rank_00_model_states.pt")
+    torch.save({}, tag_dir / "megamoe_rank00000.pt")
+    topology = {"world_size": 1, "expert_parallel_size": 1, "zero_stage": 0}
+    (tag_dir / RUN_INFO).write_text(json.dumps({"step": 1, "format": 2, "topology": topology}))
+    (tmp_path / "checkpoints" / LATEST).write_text(tag_dir.name)
+    assert newest_whole_checkpoint(tmp_path) == tag_dir

@@ -7,11 +7,18 @@ import torch
 
 from megamoe import MegaMoEForMultiTask
 from megamoe.checkpoint import resume
-from megamoe.checkpoint.resume import Checkpointer, CheckpointError, Topology, resolve_checkpoint, tag_for
+from megamoe.checkpoint.resume import (
+    Checkpointer,
+    CheckpointError,
+    Topology,
+    newest_whole_checkpoint,
+    resolve_checkpoint,
+    tag_for,
+)
 from megamoe.cli import main
 from megamoe.config import TrainSection
 from megamoe.engine.deepspeed_engine import Engine, deepspeed_config
-from tests.conftest import tiny_config
+from tests.conftest import flip_bytes_inside, tiny_config
 
 
 class Counter:
@@ -106,13 +113,37 @@ def test_resume_from_a_run_with_a_truncated_latest_falls_back_to_the_previous_ch
         checkpointer.save(step)
     damaged = tmp_path / "checkpoints" / tag_for(3) / "mp_rank_00_model_states.pt"
     cut_short(damaged)
-    assert checkpointer.load(tmp_path) == 2 and counter.position == 2
+    assert checkpointer.load(newest_whole_checkpoint(tmp_path)) == 2 and counter.position == 2
     out = capsys.readouterr().out
-    assert f"{damaged} is truncated or damaged: resuming from the previous complete checkpoint, " in out
+    assert (
+        f"{damaged} is truncated (it has no zip central directory: its end is missing). Resuming from " in out
+    )
     assert out.rstrip().endswith(tag_for(2))
     # Named directly, a damaged checkpoint is an error naming the file: no silent substitute.
-    with pytest.raises(CheckpointError, match=f"^{damaged} is truncated or damaged: resume from another"):
-        checkpointer.load(tmp_path / "checkpoints" / tag_for(3))
+    with pytest.raises(CheckpointError, match=f"^{damaged} is truncated .*. Resume from another step_<n>"):
+        newest_whole_checkpoint(tmp_path / "checkpoints" / tag_for(3))
+
+
+def test_resume_from_a_run_whose_latest_is_damaged_inside_a_file_falls_back_to_the_previous_one(
+    tmp_path, capsys
+):
+    """torch.load itself takes flipped bytes inside a tensor without a word: the CRCs find them."""
+    checkpointer, counter = make_checkpointer(tmp_path, keep_last=2)
+    for step in (1, 2):
+        counter.position = step
+        checkpointer.save(step)
+    latest = tmp_path / "checkpoints" / tag_for(2)
+    states = latest / "mp_rank_00_model_states.pt"
+    before = torch.load(states, weights_only=False)["module"]
+    record = flip_bytes_inside(states)
+    after = torch.load(states, weights_only=False)["module"]
+    assert any(not torch.equal(before[name], after[name]) for name in before), "loads wrong, silently"
+
+    assert checkpointer.load(newest_whole_checkpoint(tmp_path)) == 1 and counter.position == 1
+    out = capsys.readouterr().out
+    assert f"{states} is damaged (Bad CRC-32 for file '{record}'). Resuming from the previous " in out
+    # Without the contents check (checkpoint.verify_on_resume: false) only cut-short files are found.
+    assert newest_whole_checkpoint(tmp_path, verify_contents=False) == latest
 
 
 def test_resume_when_no_checkpoint_is_whole_names_the_damaged_file(tmp_path):
@@ -121,8 +152,28 @@ def test_resume_when_no_checkpoint_is_whole_names_the_damaged_file(tmp_path):
         checkpointer.save(step)
     for step in (1, 2):
         cut_short(tmp_path / "checkpoints" / tag_for(step) / "megamoe_rank00000.pt")
-    with pytest.raises(CheckpointError, match=r"megamoe_rank00000.pt is truncated or damaged, and no older"):
-        checkpointer.load(tmp_path)
+    with pytest.raises(
+        CheckpointError, match=r"megamoe_rank00000.pt is truncated .*; no older checkpoint in"
+    ):
+        newest_whole_checkpoint(tmp_path)
+
+
+def test_each_of_a_nodes_ranks_reads_its_share_of_the_files_for_their_crcs(tmp_path, monkeypatch):
+    """The ends of all files on every rank, the contents of every local_world_size-th one."""
+    from megamoe.checkpoint import resume as resume_module
+
+    files = [tmp_path / f"file_{i}.pt" for i in range(5)]
+    for file in files:
+        torch.save({"weight": torch.arange(1000.0)}, file)
+    for file in files:
+        flip_bytes_inside(file)
+    cut_short(files[4])
+    monkeypatch.setenv("LOCAL_SIZE", "2")
+    for rank, share in ((0, [0, 2, 4]), (1, [1, 3])):
+        monkeypatch.setenv("LOCAL_RANK", str(rank))
+        found = resume_module._damage_seen_here(tmp_path, verify_contents=True)
+        damaged_here = sorted({*share, 4})  # file 4 is cut short: every rank sees that
+        assert [line.split(" is ")[0] for line in found] == [str(files[i]) for i in damaged_here]
 
 
 def test_pruning_never_removes_the_checkpoint_latest_names(tmp_path, monkeypatch):
@@ -144,13 +195,18 @@ def test_export_of_a_checkpoint_missing_a_file_says_it_is_incomplete(tmp_path, c
     assert "error: the checkpoint is incomplete: " in err and "mp_rank_00_model_states.pt is missing" in err
 
 
-def test_export_of_a_truncated_checkpoint_file_names_it_and_writes_nothing(tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("damage", "said"),
+    [(cut_short, "is truncated ("), (flip_bytes_inside, "is damaged (Bad CRC-32 for file ")],
+    ids=["cut short", "bytes flipped inside"],
+)
+def test_export_of_a_damaged_checkpoint_file_names_it_and_writes_nothing(tmp_path, capsys, damage, said):
     checkpointer, _ = make_checkpointer(tmp_path, keep_last=1)
     states = checkpointer.save(1) / "mp_rank_00_model_states.pt"
-    states.write_bytes(states.read_bytes()[: states.stat().st_size // 2])  # a copy cut off halfway
+    damage(states)
     assert main(["export", str(tmp_path), str(tmp_path / "exported")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: {states} is truncated or damaged (")
+    assert err.startswith(f"error: {states} {said}")
     assert err.rstrip().endswith(f"export an earlier step_<n> directory of {tmp_path / 'checkpoints'}")
     assert not (tmp_path / "exported").exists(), "no half-written model directory"
 
@@ -302,8 +358,8 @@ def test_megamoe_train_resume_hands_the_run_directory_on_so_it_can_fall_back(tmp
     (run_dir / "checkpoints" / resume.LATEST).write_text(tag.name)
     handed = []
 
-    def newest_whole_checkpoint(path):
-        handed.append(path)
+    def newest_whole_checkpoint(path, verify_contents):
+        handed.append((str(path), verify_contents))
         raise CheckpointError("stop here")
 
     monkeypatch.setattr(train_module, "newest_whole_checkpoint", newest_whole_checkpoint)
@@ -312,7 +368,8 @@ def test_megamoe_train_resume_hands_the_run_directory_on_so_it_can_fall_back(tmp
         f"run_dir: {run_dir}\n"
         "model: {init: upcycle, base: builtin:all-MiniLM-L6-v2}\n"
         "tasks: {topic: {type: sequence_classification, source: 'builtin:bbc_news'}}\n"
+        "checkpoint: {verify_on_resume: false}\n"
     )
     assert main(["train", str(config), "--resume"]) == 2
     assert "stop here" in capsys.readouterr().err
-    assert [str(path) for path in handed] == [str(run_dir)]
+    assert handed == [(str(run_dir), False)]
