@@ -6,6 +6,7 @@ upcycled model computes exactly what the dense one does: identical experts with 
 weights sum back to the dense FFN.
 """
 
+import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -328,13 +329,67 @@ def upcycle_pretrained(
     return model
 
 
+# sentence-transformers' Pooling modes that a MegaMoE head pools the same way.
+_SENTENCE_TRANSFORMERS_POOLING = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_lasttoken": "last",
+}
+
+
+def sentence_transformers_pooling(source: str) -> str | None:
+    """How the sentence-transformers checkpoint ``source`` (a local directory or Hub id) pools its tokens,
+    as a `MegaMoEConfig.classifier_pooling`; None for a plain HF checkpoint, or a pooling heads cannot copy
+    (max, mean / sqrt(length), several at once).
+
+    all-MiniLM-L6-v2 and its kin were trained for mean pooling: their [CLS] token is no sentence embedding,
+    and a head on it starts from much less (the quickstart's test topic accuracy 0.883 with [CLS]).
+    """
+    modules = _checkpoint_file(source, "modules.json")
+    if modules is None:
+        return None
+    pooling = [m for m in json.loads(modules.read_text()) if m.get("type", "").endswith("models.Pooling")]
+    pooling_config = _checkpoint_file(source, f"{pooling[0]['path']}/config.json") if pooling else None
+    if pooling_config is None:
+        return None
+    modes = {
+        key
+        for key, on in json.loads(pooling_config.read_text()).items()
+        if key.startswith("pooling_mode") and on
+    }
+    return _SENTENCE_TRANSFORMERS_POOLING.get(modes.pop()) if len(modes) == 1 else None
+
+
+def _checkpoint_file(source: str, name: str) -> Path | None:
+    """``name`` in the local directory or Hub repo ``source``; None when it has none."""
+    if Path(source).is_dir():
+        path = Path(source) / name
+        return path if path.is_file() else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(source, name))
+    except EntryNotFoundError:
+        return None
+
+
+def _with_checkpoint_pooling(base: str, architecture: dict[str, Any]) -> dict[str, Any]:
+    """``architecture``, its heads pooling as the checkpoint was trained to unless it says otherwise."""
+    pooling = sentence_transformers_pooling(base) if "classifier_pooling" not in architecture else None
+    return {**architecture, "classifier_pooling": pooling} if pooling else architecture
+
+
 class UpcycleSource:
     """``init: upcycle``: ``model.base`` is a dense BERT-family encoder; ``model.architecture`` sets the MoE
-    layout (experts, top-k, which layers) over the dense architecture."""
+    layout (experts, top-k, which layers) over the dense architecture. The sequence heads pool as a
+    sentence-transformers checkpoint was trained to (`sentence_transformers_pooling`) unless the architecture
+    sets ``classifier_pooling``."""
 
     def declared_config(self, section: ModelSection, base: str | None) -> MegaMoEConfig:
         assert base is not None  # validated by ModelSection
-        return config_from_bert(AutoConfig.from_pretrained(base), tasks={}, **section.architecture)
+        architecture = _with_checkpoint_pooling(base, section.architecture)
+        return config_from_bert(AutoConfig.from_pretrained(base), tasks={}, **architecture)
 
     def build(self, request: BuildRequest) -> MegaMoEForMultiTask:
         assert request.base is not None
@@ -344,5 +399,5 @@ class UpcycleSource:
             expert_noise_std=request.section.expert_noise_std,
             seed=request.options.seed,
             dtype=request.options.dtype,
-            **request.section.architecture,
+            **_with_checkpoint_pooling(request.base, request.section.architecture),
         )

