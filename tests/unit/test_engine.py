@@ -160,6 +160,83 @@ def test_each_training_feature_still_learns_every_task(
     assert acted(), f"{feature} did not act"
 
 
+def fit_tiny(batches, *, max_steps=150, callbacks=lambda engine: [], **model_args):
+    """150 steps of the tiny model on ``batches`` through the engine (ZeRO-0, fp32), as the feature runs train;
+    ``callbacks(engine)`` are the trainer's."""
+    torch.manual_seed(0)
+    model = MegaMoEForMultiTask(tiny_config(**model_args))
+    train = TrainSection(max_steps=max_steps, micro_batch_size=8, lr=3e-3, warmup_ratio=0.1, weight_decay=0.0)
+    engine = Engine(model, deepspeed_config(train))
+    trainer = Trainer(engine, batches, max_steps=max_steps, callbacks=callbacks(engine), show_progress=False)
+    return engine, trainer, trainer.fit()
+
+
+def test_temperature_sampling_still_learns_every_task_at_its_tempered_share():
+    """Tasks of 640, 160 and 40 examples through the real sampler (p ~ n^(1/T), T = 2): the small task gets
+    a fair share of steps (not its 5 % by size), and every task still learns."""
+    from datasets import Dataset
+
+    from megamoe.data.collate import MultiTaskCollator
+    from megamoe.data.sampling import build_batches, task_probabilities
+
+    sizes = {"topic": 640, "ner": 160, "sentiment": 40}
+    rows = synthetic_batches()
+    datasets = {task: [] for task in sizes}
+    while any(len(datasets[task]) < size for task, size in sizes.items()):
+        batch = next(rows)
+        for i in range(len(batch["input_ids"])):
+            row = {
+                "input_ids": batch["input_ids"][i].tolist(),
+                "attention_mask": batch["attention_mask"][i].tolist(),
+            }
+            row["labels"] = batch["labels"][i].tolist()
+            datasets[batch["task"]].append(row)
+    datasets = {task: Dataset.from_list(datasets[task][:size]) for task, size in sizes.items()}
+    batches = build_batches(
+        datasets,
+        MultiTaskCollator(pad_token_id=0),
+        strategy="temperature",
+        temperature=2.0,
+        micro_batch_size=8,
+        rank=0,
+        world_size=1,
+        seed=0,
+    )
+    _, _, history = fit_tiny(batches)
+    assert_every_task_learned(history)
+    expected = task_probabilities(sizes, "temperature", temperature=2.0)  # 0.57, 0.29, 0.14
+    for task, probability in expected.items():
+        share = sum(r.task == task for r in history) / len(history)
+        assert share == pytest.approx(probability, abs=0.08), f"{task}: {share:.2f} of steps"
+
+
+def test_evaluating_every_n_steps_leaves_training_exactly_as_it_was():
+    """eval_every's evaluations (eval mode, no grad) must not change a single training loss: not the
+    dropout RNG stream, not the train/eval mode, not a gradient. And they see the model learn."""
+    from megamoe.engine.callbacks import EvaluationCallback
+
+    held_out = list(itertools.islice(synthetic_batches(seed=1), 12))  # 4 batches per task
+
+    def accuracy(engine: Engine) -> dict[str, float]:
+        correct = {task: [] for task in ("topic", "ner", "sentiment")}
+        for batch in held_out:
+            predictions = engine.eval_forward(batch).logits.argmax(-1)
+            correct[batch["task"]].append((predictions == batch["labels"]).float().mean())
+        return {task: float(torch.stack(values).mean()) for task, values in correct.items()}
+
+    def evaluated(engine: Engine) -> list[EvaluationCallback]:
+        return [EvaluationCallback(lambda step: accuracy(engine), every=50)]
+
+    dropout = {"hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}
+    _, trainer, history = fit_tiny(synthetic_batches(), callbacks=evaluated, **dropout)
+    _, _, plain = fit_tiny(synthetic_batches(), **dropout)
+    assert [r.task_loss for r in history] == [r.task_loss for r in plain]
+    assert [e["step"] for e in trainer.evaluations] == [50, 100]
+    chance = {"topic": 1 / 3, "ner": 1 / 5, "sentiment": 1 / 2}
+    for task, level in chance.items():
+        assert trainer.evaluations[-1][task] > level + 0.2, trainer.evaluations
+
+
 @pytest.mark.parametrize(
     ("train", "parallel", "world_size", "num_experts", "message"),
     [
