@@ -6,9 +6,10 @@ A leak (history records, router statistics, logging, evaluation, checkpoint buff
 that grows from one checkpoint interval to the next. The bench reports, per rank, the anon memory at the end
 of each interval (after its checkpoint and evaluation) and the growth per hour between the second interval and
 the last (the first holds the allocator's warm-up), and writes every sample to ``--out`` and a plot to
-``--plot``. The defaults (700 steps of ~1.7 s, every 100) are a ~20-minute run on a 2-core CPU machine.
+``--plot``. The defaults (900 steps, every 100) took 32 min on a 2-core CPU machine that other tests shared
+part of the time (2026-12-02, docs/memory.md); ~20 min on a quiet one.
 
-    python bench/soak.py                       # ~20 min on 2 CPU cores
+    python bench/soak.py --plot docs/img/soak.png          # ~20-30 min on 2 CPU cores
     python bench/soak.py --steps 40 --every-steps 10 --plot docs/img/soak.png
 """
 
@@ -64,7 +65,7 @@ def checkpoint_times(run_dir: Path) -> dict[int, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=700)
+    parser.add_argument("--steps", type=int, default=900)
     parser.add_argument("--every-steps", type=int, default=100, help="checkpoint and evaluation cadence")
     parser.add_argument("--sample-seconds", type=float, default=2.0)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "soak.json")
@@ -88,17 +89,18 @@ def main() -> None:
         command = [*launcher, "--module", "megamoe", "train", "configs/quickstart.yaml", *overrides]
         env = {**os.environ, _MARK: mark}
         started = time.time()
-        job = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        samples: list[dict] = []
-        while job.poll() is None:
-            for rank, pid in rank_processes(mark).items():
-                if (now := memory(pid)) is not None:
-                    samples.append({"t": time.time() - started, "rank": rank, **now})
-            time.sleep(args.sample_seconds)
+        # The output goes to a file: a pipe nobody reads fills up (the progress bar alone) and blocks rank 0.
+        log = Path(tmp) / "train.log"
+        with log.open("wb") as output:
+            job = subprocess.Popen(command, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT)
+            samples: list[dict] = []
+            while job.poll() is None:
+                for rank, pid in rank_processes(mark).items():
+                    if (now := memory(pid)) is not None:
+                        samples.append({"t": time.time() - started, "rank": rank, **now})
+                time.sleep(args.sample_seconds)
         if job.returncode != 0:
-            sys.exit(
-                f"the run failed ({job.returncode}):\n{job.stderr.read().decode()[-3000:] if job.stderr else ''}"
-            )
+            sys.exit(f"the run failed ({job.returncode}):\n{log.read_text(errors='replace')[-3000:]}")
         ends = {step: when - started for step, when in sorted(checkpoint_times(run_dir).items())}
 
     report = {"command": sys.argv, "interval_ends_s": ends, "samples": samples, "ranks": {}}
