@@ -23,7 +23,7 @@ from torch import nn
 from ..config import ParallelSection, TrainSection
 from ..model import MegaMoEConfig
 from .autoep import autoep_section, check_replaced_and_record_router_logits, hf_backbone
-from .distributed import init_distributed
+from .distributed import collective_device, init_distributed
 from .expert_parallel import shard_experts
 
 # Parameters that get no weight decay: biases and norm weights (BERT/RoBERTa fine-tuning practice).
@@ -262,7 +262,11 @@ def _skip_unless_finite(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any
     per optimizer step, in this configuration only."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     gradients = [p.grad for p in params if p.grad is not None]
-    finite = torch.stack([g.isfinite().all() for g in gradients]).all() if gradients else torch.tensor(True)
+    finite = (
+        torch.stack([g.isfinite().all() for g in gradients]).all()
+        if gradients
+        else torch.tensor(True, device=collective_device())  # NCCL takes no CPU tensor
+    )
     bad = (~finite).float()
     if dist.is_initialized():
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
