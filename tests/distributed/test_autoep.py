@@ -52,7 +52,9 @@ def test_autoep_zero3_matches_one_process(runs):
     assert_same_weights({n: ep[n] for n in key_biases}, {n: reference[n] for n in key_biases}, atol=1e-4)
     for name in key_biases:
         del ep[name], reference[name]
-    assert_same_weights(ep, reference, atol=1e-6)
+    # Round-off elsewhere: Mixtral's embedding differed by 1.5e-6 on one VM (2026-12-02, the code before that day
+    # too), 1e-7 on others; a mis-sharded update moves weights by ~lr, 1e-3.
+    assert_same_weights(ep, reference, atol=2e-6)
 
 
 def test_each_rank_holds_half_the_experts(runs):
