@@ -91,7 +91,9 @@ def test_export_names_missing_and_truncated_expert_files(ep2_zero2, tmp_path, ca
     damaged = tag / missing[1]
     damaged.write_bytes(damaged.read_bytes()[:100])
     assert main(["export", str(tag), str(out)]) == 2
-    assert capsys.readouterr().err.startswith(f"error: {damaged} is truncated (it has no zip central directory")
+    assert capsys.readouterr().err.startswith(
+        f"error: {damaged} is truncated (it has no zip central directory"
+    )
     assert not out.exists()
 
 
