@@ -85,9 +85,11 @@ def consolidated_state_dict(
     them). Tensors the checkpoint's files hold as they are stay memory-mapped; new ones come from
     ``memory``, one at a time."""
     topology = read_run_info(tag_dir)["topology"]
-    dtype = _module_dtype(tag_dir)
+    # Read (and CRC-checked) once: it holds the dtype, ZeRO-1/2's module and AutoEP's shapes and buffers.
+    model_states = _load(_model_states_file(tag_dir), weights_only=False)
+    dtype = _module_dtype(model_states["ds_config"])
     if config.backbone is not None and topology["expert_parallel_size"] > 1:
-        state = _autoep_state_dict(tag_dir, config.backbone["model_type"], memory)
+        state = _autoep_state_dict(tag_dir, model_states, config.backbone["model_type"], memory)
         return {name: _in_dtype(value, dtype, memory) for name, value in state.items()}
     if topology["zero_stage"] == 3:
         # ZeRO-3 module states are placeholders; the weights live in the partitioned optimizer shards, merged
@@ -97,7 +99,7 @@ def consolidated_state_dict(
         lazy = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name, lazy_mode=True)
         module = {name: _in_dtype(value.contiguous(), dtype, memory) for name, value in lazy.items()}
     else:
-        module = dict(_load(tag_dir / "mp_rank_00_model_states.pt", weights_only=False)["module"])
+        module = dict(model_states["module"])
     # Memory-mapped: the files' pages, not a second copy; only the stacked experts are new memory, `memory`'s.
     for expert_file in _expert_files(tag_dir, config, topology["expert_parallel_size"]):
         module.update(_load(expert_file, weights_only=True))
@@ -149,10 +151,8 @@ def _model_states_file(tag_dir: Path) -> Path:
     return states_file if states_file.is_file() else tag_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt"
 
 
-def _module_dtype(tag_dir: Path) -> torch.dtype:
+def _module_dtype(ds_config: dict[str, Any]) -> torch.dtype:
     """The dtype the run's module computed in, from the DeepSpeed config saved with its model states."""
-    states = _load(_model_states_file(tag_dir), weights_only=False)
-    ds_config = states["ds_config"]
     if ds_config.get("bf16", {}).get("enabled"):
         return torch.bfloat16
     return torch.float16 if ds_config.get("fp16", {}).get("enabled") else torch.float32
@@ -168,7 +168,10 @@ def _in_dtype(
 
 
 def _autoep_state_dict(
-    tag_dir: Path, model_type: str, memory: FileBackedTensors | _HeapTensors
+    tag_dir: Path,
+    model_states: dict[str, Any],
+    model_type: str,
+    memory: FileBackedTensors | _HeapTensors,
 ) -> dict[str, torch.Tensor]:
     """An AutoEP checkpoint through DeepSpeed's own expert-aware consolidation (``ds_to_universal``, which
     ``zero_to_fp32`` defers to for AutoEP), with AutoEP's names mapped back to the HF backbone's. Its fp32
@@ -190,7 +193,6 @@ def _autoep_state_dict(
             fp32 = torch.load(param_dir / "fp32.pt", map_location="cpu", weights_only=False, mmap=True)
             state[param_dir.name] = fp32["param"] if isinstance(fp32, dict) else fp32
     # Non-expert parameters come back flat; the model states know their shapes, and hold the buffers.
-    model_states = _load(_model_states_file(tag_dir), weights_only=False)
     shapes = {name: shape for group in model_states["param_shapes"] for name, shape in group.items()}
     for name, value in state.items():
         if value.dim() == 1 and name in shapes and len(shapes[name]) > 1:

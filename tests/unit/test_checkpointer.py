@@ -7,6 +7,7 @@ import torch
 
 from megamoe import MegaMoEForMultiTask
 from megamoe.checkpoint import resume
+from megamoe.checkpoint.integrity import damage
 from megamoe.checkpoint.resume import (
     Checkpointer,
     CheckpointError,
@@ -211,11 +212,12 @@ def test_export_of_a_damaged_checkpoint_file_names_it_and_writes_nothing(tmp_pat
     assert not (tmp_path / "exported").exists(), "no half-written model directory"
 
 
-def test_export_writes_sharded_safetensors_that_compute_what_the_live_model_computed(tmp_path):
+def test_export_writes_sharded_safetensors_that_compute_what_the_live_model_computed(tmp_path, monkeypatch):
     import json
 
     from transformers import AutoModel
 
+    from megamoe.checkpoint import export as export_module
     from megamoe.checkpoint.export import export_checkpoint
     from megamoe.tasks.objective import MultiTaskObjective
     from megamoe.tasks.weighting import build_weighting
@@ -226,7 +228,15 @@ def test_export_writes_sharded_safetensors_that_compute_what_the_live_model_comp
     engine = Engine(objective, deepspeed_config(TrainSection(max_steps=4)))
 
     checkpointer = exportable_checkpointer(tmp_path, model, engine, zero_stage=0)
+    crc_checked = []
+    monkeypatch.setattr(
+        export_module,
+        "damage",
+        lambda path, contents: crc_checked.append(path) or damage(path, contents=contents),
+    )
     out = export_checkpoint(checkpointer.save(1), tmp_path / "exported", max_shard_size="40KB")
+    # The model states hold the dtype and the module: read once, not once for each.
+    assert [path.name for path in crc_checked] == ["mp_rank_00_model_states.pt"]
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = set(index["weight_map"].values())
     assert len(shards) > 1 and all((out / shard).is_file() for shard in shards)
