@@ -11,10 +11,11 @@ STEPS = 4
 
 
 def worker(out, **flags) -> list[str]:
-    """The worker script and its arguments: ``--out OUT --steps 4`` plus ``--name value`` per flag."""
-    args = [WORKER, "--out", str(out), "--steps", str(STEPS)]
-    for name, value in flags.items():
-        args += [f"--{name.replace('_', '-')}", str(value)]
+    """The worker script and its arguments: ``--out OUT --steps 4`` plus ``--name value`` per flag; a list
+    (of run directories, of backbones) gives its values one after another."""
+    args = [WORKER, "--steps", str(STEPS)]
+    for name, value in {"out": out, **flags}.items():
+        args += [f"--{name.replace('_', '-')}", *map(str, value if isinstance(value, list) else [value])]
     return args
 
 

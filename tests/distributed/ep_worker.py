@@ -6,6 +6,9 @@ compute the same per-micro-batch router losses and capacities (a per-rank aux lo
 means, so a reference on the whole global batch would compute another loss). Steps alternate between two
 tasks. Writes ``losses.json`` (the global mean loss per step, from rank 0) and a
 checkpoint; the test exports the checkpoint and compares.
+
+Several HF backbones (``--backbone A B --out DIR_A DIR_B``) run one after another in one launch, each with an
+engine of its own: the launcher's and the imports' start-up is paid once, not once per architecture.
 """
 
 import argparse
@@ -70,16 +73,26 @@ def global_batch(step: int) -> dict[str, torch.Tensor]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, nargs="+", required=True, help="one run directory per backbone")
     parser.add_argument("--ep-size", type=int, default=1)
     parser.add_argument("--zero-stage", type=int, default=2)
     parser.add_argument("--num-experts", type=int, default=4)
-    parser.add_argument("--backbone", help="an HF MoE model_type (tests/conftest.py HF_MOE_TINY)")
+    parser.add_argument(
+        "--backbone", nargs="*", default=[None], help="HF MoE model_types (tests/conftest.py HF_MOE_TINY)"
+    )
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--save-at", type=int, default=0, help="also checkpoint after this step")
     parser.add_argument("--resume", type=Path, help="resume from this checkpoint first")
     args = parser.parse_args()
+    if len(args.out) != len(args.backbone):
+        parser.error(f"{len(args.backbone)} backbone(s), {len(args.out)} --out directories: one each")
+    for backbone, out in zip(args.backbone, args.out, strict=True):
+        run(args, backbone, out)
+    dist.barrier()
+    dist.destroy_process_group()  # exiting with live gloo threads can abort the process
 
+
+def run(args: argparse.Namespace, backbone: str | None, out: Path) -> None:
     world_size = launch_world_size()
     accumulation = GLOBAL_BATCH // (MICRO_BATCH * world_size)
     train = TrainSection(
@@ -90,13 +103,13 @@ def main() -> None:
         warmup_ratio=0.0,
     )
     parallel = ParallelSection(expert_parallel_size=args.ep_size, zero_stage=args.zero_stage)
-    model = tiny_model(args.num_experts, args.backbone)
+    model = tiny_model(args.num_experts, backbone)
     objective = MultiTaskObjective(model, build_weighting("static", list(TASK_NAMES)))
     engine = Engine(objective, deepspeed_config(train, parallel), expert_parallel_size=args.ep_size)
     rank = dist.get_rank()
     checkpointer = Checkpointer(
         engine.engine,
-        args.out / "checkpoints",
+        out / "checkpoints",
         topology=Topology(world_size, args.ep_size, args.zero_stage),
         rank_local={},
         write_hf_files=model.config.save_pretrained,
@@ -124,8 +137,8 @@ def main() -> None:
     probe = global_batch(0)
     logits = engine.eval_forward({"task": "topic", **probe}).logits
     if rank == 0:
-        torch.save(logits, args.out / "live_logits.pt")
-        (args.out / "losses.json").write_text(
+        torch.save(logits, out / "live_logits.pt")
+        (out / "losses.json").write_text(
             json.dumps({"first_step": first_step, "losses": losses, "router_loads": router_loads})
         )
         module, optimizer = engine.engine.module, engine.engine.optimizer
@@ -138,9 +151,7 @@ def main() -> None:
         partitions = getattr(optimizer, "single_partition_of_fp32_groups", [])  # ZeRO-1/2
         expert_optimizer_numel = sum(p.numel() for p, moe in zip(partitions, moe_groups, strict=False) if moe)
         sizes = {"parameters": expert_numel, "optimizer_partition": expert_optimizer_numel}
-        (args.out / "expert_numel.json").write_text(json.dumps(sizes))
-    dist.barrier()
-    dist.destroy_process_group()  # exiting with live gloo threads can abort the process
+        (out / "expert_numel.json").write_text(json.dumps(sizes))
 
 
 if __name__ == "__main__":

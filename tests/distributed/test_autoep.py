@@ -30,14 +30,20 @@ pytestmark = pytest.mark.slow
 BACKBONES = ["qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3", "olmoe"]
 
 
-@pytest.fixture(scope="module", params=BACKBONES)
-def runs(request, tmp_path_factory):
-    backbone = request.param
-    one = tmp_path_factory.mktemp(f"{backbone}_one_process")
-    single_process(*worker(one, backbone=backbone, zero_stage=3))
-    two = tmp_path_factory.mktemp(f"{backbone}_autoep2_zero3")
-    deepspeed_launch(*worker(two, backbone=backbone, zero_stage=3, ep_size=2, save_at=2))
-    return one, two
+@pytest.fixture(scope="module")
+def zero3_runs(tmp_path_factory):
+    """backbone -> (one process, AutoEP on 2 ranks) run directories. Every backbone runs in the same single
+    process and the same launch, one engine after another: the start-up is paid twice, not ten times."""
+    one = [tmp_path_factory.mktemp(f"{backbone}_one_process") for backbone in BACKBONES]
+    two = [tmp_path_factory.mktemp(f"{backbone}_autoep2_zero3") for backbone in BACKBONES]
+    single_process(*worker(one, backbone=BACKBONES, zero_stage=3))
+    deepspeed_launch(*worker(two, backbone=BACKBONES, zero_stage=3, ep_size=2, save_at=2))
+    return dict(zip(BACKBONES, zip(one, two, strict=True), strict=True))
+
+
+@pytest.fixture(params=BACKBONES)
+def runs(request, zero3_runs):
+    return zero3_runs[request.param]
 
 
 def test_autoep_zero3_matches_one_process(runs):
