@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,8 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
+
+from launcher import deepspeed_launcher  # bench/ is on sys.path when a bench script runs
 
 REPO = Path(__file__).resolve().parents[1]
 LAYOUTS = {  # name: (zero stage, expert-parallel size = ranks?)
@@ -175,14 +176,10 @@ _RETURN_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOL
 
 
 def launch(checkpoint: Path, layout: str, ranks: int, work: Path, *, return_freed: bool) -> list[dict]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     out_dir = work / f"{layout}_{ranks}"
     out_dir.mkdir(parents=True)
-    deepspeed = str(Path(sys.executable).parent / "deepspeed")
-    command = [deepspeed, "--num_gpus", str(ranks), "--master_port", str(port), "--no_local_rank"]
-    command += [
+    command = [
+        *deepspeed_launcher(ranks),
         __file__,
         "--worker",
         "--checkpoint",

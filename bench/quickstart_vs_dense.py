@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from launcher import deepspeed_launcher  # bench/ is on sys.path when a bench script runs
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
@@ -45,7 +46,7 @@ def train(config: dict[str, Any], work: Path, name: str) -> dict[str, Any]:
     config = {**config, "run_dir": str(run_dir)}
     config_file = work / f"{name}.yaml"
     config_file.write_text(yaml.safe_dump(config, sort_keys=False))
-    launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--no_local_rank"]
+    launcher = deepspeed_launcher(2)
     command = [*launcher, __file__, "--worker", str(config_file), str(work / f"{name}.json")]
     result = subprocess.run(
         command, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True

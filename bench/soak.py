@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from launcher import deepspeed_launcher  # bench/ is on sys.path when a bench script runs
+
 REPO = Path(__file__).resolve().parents[1]
 _MARK = "MEGAMOE_SOAK_RUN"  # in every rank's environment: how the sampler finds them
 
@@ -85,7 +87,7 @@ def main() -> None:
             f"checkpoint.keep_last={args.steps // args.every_steps + 1}",  # keep every one: their times
             "logging.tensorboard=false",
         ]
-        launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--no_local_rank"]
+        launcher = deepspeed_launcher(2)
         command = [*launcher, "--module", "megamoe", "train", "configs/quickstart.yaml", *overrides]
         env = {**os.environ, _MARK: mark}
         started = time.time()
