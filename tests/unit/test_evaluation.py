@@ -77,3 +77,29 @@ def test_two_shards_gather_to_what_one_process_computes(num_examples, task):
     assert sorted(r[0] for r in rank0 + rank1) == list(range(num_examples)), "each example exactly once"
     assert task_metrics(data, rank1 + rank0) == task_metrics(data, whole)
     assert ExpertUtilization().merged([load0.counts, load1.counts]).fractions() == whole_load.fractions()
+
+
+def test_a_batch_pads_only_to_its_own_rows_longest_first():
+    """Rows of mixed lengths in split order: the forwards see them longest first, so each batch of 2 pads to
+    its own longest row, and the predictions are still each example's own."""
+    data = tasks(8)["ner"]  # row i has 3 + i % 4 tokens: 3, 4, 5, 6, 3, 4, 5, 6
+    widths = []
+
+    def forward(batch):
+        widths.append(batch["input_ids"].shape[1])
+        return CountingForward()(batch)
+
+    results = shard_results(
+        forward,
+        data,
+        "test",
+        MultiTaskCollator(pad_token_id=0),
+        batch_size=2,
+        utilization=ExpertUtilization(),
+        shard=EvalShard(),
+    )
+    assert widths == [6, 5, 4, 3], "split order would pad to 4, 6, 4, 6"
+    lengths = [len(ids) for ids in data.splits["test"]["input_ids"]]
+    assert [index for index, *_ in results] == sorted(range(8), key=lambda i: -lengths[i])
+    for index, prediction, reference in results:
+        assert len(prediction) == len(reference) == lengths[index]
