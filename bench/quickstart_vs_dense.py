@@ -46,8 +46,7 @@ def train(config: dict[str, Any], work: Path, name: str) -> dict[str, Any]:
     config = {**config, "run_dir": str(run_dir)}
     config_file = work / f"{name}.yaml"
     config_file.write_text(yaml.safe_dump(config, sort_keys=False))
-    launcher = deepspeed_launcher(2)
-    command = [*launcher, __file__, "--worker", str(config_file), str(work / f"{name}.json")]
+    command = [*deepspeed_launcher(2), __file__, "--worker", str(config_file), str(work / f"{name}.json")]
     result = subprocess.run(
         command, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True
     )

@@ -87,8 +87,14 @@ def main() -> None:
             f"checkpoint.keep_last={args.steps // args.every_steps + 1}",  # keep every one: their times
             "logging.tensorboard=false",
         ]
-        launcher = deepspeed_launcher(2)
-        command = [*launcher, "--module", "megamoe", "train", "configs/quickstart.yaml", *overrides]
+        command = [
+            *deepspeed_launcher(2),
+            "--module",
+            "megamoe",
+            "train",
+            "configs/quickstart.yaml",
+            *overrides,
+        ]
         env = {**os.environ, _MARK: mark}
         started = time.time()
         # The output goes to a file: a pipe nobody reads fills up (the progress bar alone) and blocks rank 0.

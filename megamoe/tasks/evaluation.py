@@ -70,8 +70,7 @@ def shard_results(
     dataset = task.splits[split]
     # Longest first: a batch of rows in split order pads to about the split's longest row (64 short tweets
     # beside one long one); sorted, each batch pads only to its own longest. Results carry their example index,
-    # so the order changes no metric.
-    # (From Arrow: no Python list of every token of the split.)
+    # so the order changes no metric. The lengths come from Arrow, not from a Python list of every token.
     lengths = pc.list_value_length(dataset.with_format("arrow")["input_ids"]).to_pylist()
     mine = sorted(shard.indices(len(dataset)), key=lambda index: -lengths[index])
     results: list[Result] = []
