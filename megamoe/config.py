@@ -174,6 +174,9 @@ class TrainSection:
     """Examples per optimizer step over all ranks; when set, must equal micro-batch x grad-accum x ranks."""
     lr: float = 1e-4
     """Peak learning rate."""
+    head_lr: float | None = None
+    """Peak learning rate of the task heads (None = `lr`). Heads start from scratch on a pretrained body, so
+    they may want a higher rate than the body tolerates; the schedule's shape is the body's."""
     weight_decay: float = 0.01
     """AdamW weight decay."""
     warmup_ratio: float = 0.1
@@ -197,6 +200,7 @@ class TrainSection:
         for name in ("max_steps", "micro_batch_size", "gradient_accumulation_steps"):
             _check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        _check(self.head_lr is None or self.head_lr > 0, "head_lr", f"must be > 0, got {self.head_lr}")
         _check(
             self.max_skipped_steps_in_a_row >= 0,
             "max_skipped_steps_in_a_row",

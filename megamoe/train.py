@@ -179,6 +179,7 @@ def run(
         config_file=paths.deepspeed_config,
         expert_parallel_size=parallel.expert_parallel_size,
         timeout_minutes=parallel.timeout_minutes,
+        head_lr=config.train.head_lr,
     )
     torch.manual_seed(config.train.seed + rank)  # every rank built the same model; dropout differs per rank
     if rank == 0:

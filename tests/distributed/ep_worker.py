@@ -100,12 +100,17 @@ def run(args: argparse.Namespace, backbone: str | None, out: Path) -> None:
         micro_batch_size=MICRO_BATCH,
         gradient_accumulation_steps=accumulation,
         lr=1e-2,
+        # Heads at their own rate: their groups come before the expert groups DeepSpeed's MoE split appends
+        # under EP (one process has none), and each must keep its rate.
+        head_lr=3e-2,
         warmup_ratio=0.0,
     )
     parallel = ParallelSection(expert_parallel_size=args.ep_size, zero_stage=args.zero_stage)
     model = tiny_model(args.num_experts, backbone)
     objective = MultiTaskObjective(model, build_weighting("static", list(TASK_NAMES)))
-    engine = Engine(objective, deepspeed_config(train, parallel), expert_parallel_size=args.ep_size)
+    engine = Engine(
+        objective, deepspeed_config(train, parallel), expert_parallel_size=args.ep_size, head_lr=train.head_lr
+    )
     rank = dist.get_rank()
     checkpointer = Checkpointer(
         engine.engine,

@@ -1,6 +1,6 @@
 """`megamoe train` as users launch it: `deepspeed --num_gpus 2 --module megamoe train ...` on 2 CPU ranks,
 upcycled all-MiniLM-L6-v2 (its dropout on) on the three builtin tasks, temperature sampling, DWA weighting,
-experts sharded over both ranks (EP=2, ZeRO-2)."""
+the heads at their own learning rate, experts sharded over both ranks (EP=2, ZeRO-2)."""
 
 import json
 import os
@@ -47,7 +47,7 @@ def launched(tmp_path_factory):
               ner: {{type: token_classification, source: "builtin:wnut16", max_train_examples: 16, max_eval_examples: 16}}
               sentiment: {{type: sequence_classification, source: "builtin:vader_sentiment", max_train_examples: 16, max_eval_examples: 16}}
             data: {{max_length: 32, sampling: temperature, cache_dir: {tmp / "empty_cache"}}}
-            train: {{max_steps: {STEPS}, micro_batch_size: 4, global_batch_size: 8, lr: 3.0e-4, loss_weighting: dwa}}
+            train: {{max_steps: {STEPS}, micro_batch_size: 4, global_batch_size: 8, lr: 3.0e-4, head_lr: 1.0e-3, loss_weighting: dwa}}
             parallel: {{expert_parallel_size: 2, zero_stage: 2, timeout_minutes: 1}}
             checkpoint: {{every_steps: {EVERY}, keep_last: 2}}
             logging: {{every_steps: 1}}

@@ -71,6 +71,39 @@ def test_no_weight_decay_on_biases_and_norms():
     assert len(decay["params"]) + len(no_decay["params"]) == len(names)
 
 
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_the_heads_step_at_head_lr_and_the_body_at_lr(zero_stage):
+    """AdamW's step on a gradient it has seen every step before (the same batch, those steps at warmup's rate
+    0) moves each weight by rate * g / (|g| + eps): the largest move of every parameter is its group's rate."""
+    import deepspeed
+
+    from megamoe.tasks.objective import MultiTaskObjective
+    from megamoe.tasks.weighting import build_weighting
+
+    torch.manual_seed(0)
+    model = MegaMoEForMultiTask(tiny_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    objective = MultiTaskObjective(model, build_weighting("static", list(model.config.tasks)))
+    train = TrainSection(max_steps=10, micro_batch_size=8, lr=1e-3, head_lr=2e-2, weight_decay=0.0)
+    train.max_grad_norm = train.warmup_ratio = 0.0
+    config = deepspeed_config(train, ParallelSection(zero_stage=zero_stage))
+    config["optimizer"]["params"]["eps"] = 1e-20  # the tiny attention's gradients are ~1e-7: eps would show
+    engine = Engine(objective, config, head_lr=train.head_lr)
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):  # ZeRO-3 holds partitions
+        before = {name: param.detach().clone() for name, param in model.named_parameters()}
+    batch = next(synthetic_batches())  # topic: its head and the body get gradients, the other heads none
+    while engine.lr == 0.0:  # DeepSpeed's WarmupLR starts at its minimum, 0 here
+        engine.train_step(batch)
+    rate = engine.lr  # the body's, for the next step
+    engine.train_step(batch)
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        moves = {name: (param - before[name]).abs().max().item() for name, param in model.named_parameters()}
+    rates = {name: rate * (20 if name.startswith("heads.") else 1) for name in moves if moves[name] > 0}
+    assert {name for name in rates if name.startswith("heads.")} == {
+        f"heads.topic.{layer}.{param}" for layer in ("dense", "out_proj") for param in ("weight", "bias")
+    }
+    assert {name: moves[name] for name in rates} == pytest.approx(rates, rel=1e-3)
+
+
 def assert_every_task_learned(history) -> None:
     for task in ("topic", "ner", "sentiment"):
         losses = [r.task_loss for r in history if r.task == task]
@@ -312,6 +345,30 @@ def test_a_user_deepspeed_json_that_disagrees_is_refused(tmp_path):
     assert "train_batch_size is 64 there but 32 here" in str(err.value)
     with pytest.raises(TopologyError, match="no such file"):
         merge_user_deepspeed_config(tmp_path / "missing.json", deepspeed_config(TrainSection()), world_size=1)
+
+
+def test_a_user_deepspeed_scheduler_must_keep_the_heads_rate(tmp_path):
+    generated = deepspeed_config(TrainSection(head_lr=1e-3))
+    assert generated["scheduler"]["params"]["warmup_max_lr"] is None, "each group warms up to its own lr"
+    for scheduler, kept in (
+        ({"params": {"warmup_num_steps": 5}}, True),  # still WarmupDecayLR, to each group's lr
+        ({"type": "WarmupCosineLR", "params": {"total_num_steps": 10}}, True),  # scales each group's lr
+        ({"params": {"warmup_max_lr": 3e-4}}, False),
+        ({"type": "OneCycle", "params": {"cycle_min_lr": 0.0, "cycle_max_lr": 3e-4}}, False),
+    ):
+        (tmp_path / "ds.json").write_text(json.dumps({"scheduler": scheduler}))
+        if kept:
+            merged = merge_user_deepspeed_config(tmp_path / "ds.json", generated, world_size=1)
+            # A scheduler of another type comes whole: the generated params are for WarmupDecayLR.
+            if "type" in scheduler:
+                assert merged["scheduler"] == scheduler
+        else:
+            with pytest.raises(TopologyError, match=re.escape("train.head_lr is set, but the scheduler")):
+                merge_user_deepspeed_config(tmp_path / "ds.json", generated, world_size=1)
+    # Without train.head_lr any scheduler goes.
+    (tmp_path / "ds.json").write_text(json.dumps({"scheduler": {"params": {"warmup_max_lr": 3e-4}}}))
+    merged = merge_user_deepspeed_config(tmp_path / "ds.json", deepspeed_config(TrainSection()), world_size=1)
+    assert merged["scheduler"]["params"]["warmup_max_lr"] == 3e-4
 
 
 def test_accelerate_launch_settings_are_honoured_or_refused(monkeypatch, tmp_path):

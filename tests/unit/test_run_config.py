@@ -40,12 +40,13 @@ def test_dotted_overrides(tmp_path):
         write(tmp_path, YAML),
         [
             "train.lr=1e-5",
+            "train.head_lr=1e-3",
             "data.sampling=round_robin",
             "tasks.topic.weight=0.5",
             "model.architecture.num_experts=4",
         ],
     )
-    assert config.train.lr == 1e-5
+    assert config.train.lr == 1e-5 and config.train.head_lr == 1e-3
     assert config.data.sampling == "round_robin"
     assert config.tasks["topic"].weight == 0.5
     assert config.model.architecture["num_experts"] == 4
@@ -60,6 +61,7 @@ def test_dotted_overrides(tmp_path):
         ),
         (["train.max_steps=ten"], "train.max_steps: expected int, got str 'ten'"),
         (["train.max_steps=0"], "train.max_steps: must be >= 1, got 0"),
+        (["train.head_lr=0"], "train.head_lr: must be > 0, got 0"),
         (
             ["tasks.topic.type=sequence_clasification"],
             "tasks.topic.type: 'sequence_clasification' is not one of",
