@@ -218,6 +218,39 @@ def predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def evaluate(args: argparse.Namespace) -> int:
+    """Score a trained model's task head on a labelled dataset from anywhere (another domain's texts of the
+    task, a Hub dataset, a local file) with the metrics training reports; prints one JSON object."""
+    import json
+
+    from .data.text_files import DataError
+    from .data.tokenization import LabelError
+    from .evaluate import evaluate_model
+
+    columns = {
+        name: value
+        for name in ("text_column", "label_column", "tokens_column", "tags_column")
+        if (value := getattr(args, name)) is not None
+    }
+    try:
+        report = evaluate_model(
+            args.model,
+            args.task,
+            args.source,
+            split=args.split,
+            max_length=args.max_length,
+            max_examples=args.max_examples,
+            batch_size=args.batch_size,
+            columns=columns,
+            show_progress=True,
+        )
+    except (OSError, ValueError, DataError, LabelError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps({"model": args.model, **vars(report)}))
+    return 0
+
+
 def push(args: argparse.Namespace) -> int:
     """Upload a model directory (weights, config, tokenizer, remote code) to the Hugging Face Hub, with a
     generated model card (README.md with metadata, metrics, expert-utilization plot).
@@ -372,6 +405,37 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size", type=at_least(int, 1), default=32, help="texts per forward pass (default 32)"
     )
     predict_parser.set_defaults(handler=predict)
+
+    evaluate_parser = commands.add_parser(
+        "evaluate",
+        help="a trained model's task on a labelled dataset from anywhere, with the training metrics",
+        description=evaluate.__doc__,
+    )
+    evaluate_parser.add_argument("model", help="a model directory (e.g. <run_dir>/model) or a Hub repo id")
+    evaluate_parser.add_argument(
+        "source",
+        help="builtin:<name>, a local file or directory, or a Hub dataset name (as in tasks.*.source)",
+    )
+    evaluate_parser.add_argument("--task", required=True, help="the task head to score")
+    evaluate_parser.add_argument(
+        "--split", choices=("train", "validation", "test", "all"), default="test", help="default: test"
+    )
+    evaluate_parser.add_argument(
+        "--max-length",
+        type=at_least(int, 1),
+        help="truncation in tokens (default: the model's longest; give the training length to score as it did)",
+    )
+    evaluate_parser.add_argument(
+        "--max-examples", type=at_least(int, 1), help="the first N examples of the split only"
+    )
+    evaluate_parser.add_argument(
+        "--batch-size", type=at_least(int, 1), default=64, help="examples per forward pass (default 64)"
+    )
+    for column in ("text", "label", "tokens", "tags"):
+        evaluate_parser.add_argument(
+            f"--{column}-column", help=f"the source's {column} column (default: {column})"
+        )
+    evaluate_parser.set_defaults(handler=evaluate)
 
     push_parser = commands.add_parser(
         "push", help="model directory -> Hugging Face Hub repo, with a model card", description=push.__doc__

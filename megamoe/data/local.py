@@ -120,7 +120,7 @@ def _read_file(path: Path, task_type: str) -> _Split:
     return _Split(loaded, str(path), lines)
 
 
-def _split_files(directory: Path) -> dict[str, Path]:
+def _split_files(directory: Path, *, need_train: bool) -> dict[str, Path]:
     found = {}
     for split, aliases in _SPLIT_ALIASES.items():
         for alias in aliases:
@@ -130,13 +130,15 @@ def _split_files(directory: Path) -> dict[str, Path]:
             if matches:
                 found[split] = matches[0]
                 break
-    if "train" not in found:
+    if need_train and "train" not in found:
         raise DataError(f"{directory}: no train file (train.csv, train.jsonl, train.conll, ...)")
+    if not found:
+        raise DataError(f"{directory}: no train, validation or test file (test.jsonl, test.csv, ...)")
     return found
 
 
-def _load_local(path: Path, task_type: str) -> dict[str, _Split]:
-    files = _split_files(path) if path.is_dir() else {"train": path}
+def _load_local(path: Path, task_type: str, *, need_train: bool) -> dict[str, _Split]:
+    files = _split_files(path, need_train=need_train) if path.is_dir() else {"train": path}
     return {split: _read_file(file, task_type) for split, file in files.items()}
 
 
@@ -251,12 +253,14 @@ def load_task_dataset(
     tags_column: str = "tags",
     labels: Sequence[str] | None = None,
     cache_dir: str | Path | None = None,
+    carve: bool = True,
 ) -> DatasetDict:
     """Resolve ``source`` (``builtin:<name>`` or a bare builtin name, a local file/directory, else a Hub
     dataset name through `datasets.load_dataset`) into normalized train / validation / test splits.
 
     ``labels``: the task's declared label names; a label or tag that is neither one of them nor an id into
-    them is a `LabelError` naming its line (local files) or row."""
+    them is a `LabelError` naming its line (local files) or row. ``carve``: for training, a source without a
+    validation or test split gets one carved from its train split; without, the splits it has (evaluation)."""
     if task_type not in TASK_TYPES:
         raise DataError(f"unknown task type {task_type!r}; task types: {list(TASK_TYPES)}")
     name, path = source.removeprefix("builtin:"), Path(source).expanduser()
@@ -268,7 +272,7 @@ def load_task_dataset(
             raise DataError(str(err)) from None
         raw = _named_splits(source, builtin)
     elif path.exists():
-        raw = _load_local(path, task_type)
+        raw = _load_local(path, task_type, need_train=carve)
     elif names_a_local_path(source):
         raise DataError(f"{source}: no such file or directory")
     else:
@@ -294,9 +298,11 @@ def load_task_dataset(
             if split in SPLITS
         }
     )
-    if "train" not in normalized:
-        raise DataError(f"{source}: no train split (splits: {sorted(raw)})")
-    result = _carve(normalized)
+    if not normalized or (carve and "train" not in normalized):
+        raise DataError(
+            f"{source}: no {'train' if carve else 'train, validation or test'} split (splits: {sorted(raw)})"
+        )
+    result = _carve(normalized) if carve else normalized
     for split, dataset in result.items():
         if len(dataset) == 0:
             raise DataError(f"{source}: the {split} split is empty")

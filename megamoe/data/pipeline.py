@@ -4,7 +4,7 @@ import re
 from dataclasses import dataclass
 from functools import partial
 
-from datasets import DatasetDict
+from datasets import Dataset, DatasetDict
 from transformers import PreTrainedTokenizerBase
 
 from ..config import ExperimentConfig, TaskConfig
@@ -75,30 +75,54 @@ def prepare_task_data(config: ExperimentConfig, tokenizer: PreTrainedTokenizerBa
         for split, limit in limits.items():
             if limit is not None:
                 raw[split] = raw[split].select(range(min(limit, len(raw[split]))))
-        tokenized = DatasetDict()
-        for split, dataset in raw.items():
-            where = f"task {name!r}, split {split!r}"
-            if task.type == "token_classification":
-                assert labels is not None
-                fn = partial(
-                    tokenize_token_batch,
+        max_length = task.max_length or config.data.max_length
+        tokenized = DatasetDict(
+            {
+                split: tokenize_split(
+                    dataset,
+                    task_type=task.type,
                     tokenizer=tokenizer,
-                    max_length=task.max_length or config.data.max_length,
-                    label_list=labels,
-                    where=where,
+                    max_length=max_length,
+                    labels=labels,
+                    where=f"task {name!r}, split {split!r}",
                     label_all_subtokens=config.data.label_all_subtokens,
                 )
-            else:
-                fn = partial(
-                    tokenize_sequence_batch,
-                    tokenizer=tokenizer,
-                    max_length=task.max_length or config.data.max_length,
-                    task_type=task.type,
-                    label_list=labels,
-                    where=where,
-                )
-            tokenized[split] = dataset.map(
-                fn, batched=True, with_indices=True, desc=f"tokenize {name}/{split}"
-            )
+                for split, dataset in raw.items()
+            }
+        )
         tasks[name] = TaskData(name=name, type=task.type, labels=labels, splits=tokenized)
     return tasks
+
+
+def tokenize_split(
+    dataset: Dataset,
+    *,
+    task_type: str,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    labels: list[str] | None,
+    where: str,
+    label_all_subtokens: bool = False,
+) -> Dataset:
+    """One split of a task, tokenized for the model: ids, mask, labels (per sub-token for NER, with the word
+    alignment evaluation maps predictions back through)."""
+    if task_type == "token_classification":
+        assert labels is not None
+        fn = partial(
+            tokenize_token_batch,
+            tokenizer=tokenizer,
+            max_length=max_length,
+            label_list=labels,
+            where=where,
+            label_all_subtokens=label_all_subtokens,
+        )
+    else:
+        fn = partial(
+            tokenize_sequence_batch,
+            tokenizer=tokenizer,
+            max_length=max_length,
+            task_type=task_type,
+            label_list=labels,
+            where=where,
+        )
+    return dataset.map(fn, batched=True, with_indices=True, desc=f"tokenize {where}")

@@ -92,6 +92,41 @@ def test_run_directory_has_metrics_model_and_deepspeed_config(result):
     assert model(ids, task="sentiment").logits.shape == (1, 2)
 
 
+def test_megamoe_evaluate_scores_the_exported_model_as_training_did(result, capsys):
+    """On a task's own test split at the training length, `megamoe evaluate` of the exported model gives the
+    run's own test metrics: the same tokenization, word alignment (NER) and metric code, from the HF directory."""
+    for task, source in (("ner", "builtin:wnut16"), ("topic", "builtin:bbc_news")):
+        command = ["evaluate", str(result.run_dir / "model"), source, "--task", task, "--max-length", "48"]
+        assert main([*command, "--max-examples", "100"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert (report["split"], report["examples"], report["max_length"]) == ("test", 100, 48)
+        assert report["metrics"] == pytest.approx(result.metrics[task]["test"], abs=1e-6), task
+
+
+def test_megamoe_evaluate_takes_a_test_only_directory_and_says_what_does_not_fit(result, tmp_path, capsys):
+    model = str(result.run_dir / "model")
+    texts = ["what a wonderful, moving film", "dull, painful and far too long"]
+    rows = [{"text": text, "label": label} for text in texts for label in ("positive", "negative")]
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert main(["evaluate", model, str(tmp_path), "--task", "sentiment", "--split", "all"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    # Each text once with each label: whatever the model says, it is right on exactly half.
+    assert (report["examples"], report["metrics"]["accuracy"]) == (4, 0.5)
+
+    for command, said in (
+        (["--task", "sentiment", "--split", "train"], f"{tmp_path} has no train split (it has: test)"),
+        (
+            ["--task", "summaries"],
+            "the model has no task 'summaries'; its tasks: ['ner', 'sentiment', 'topic']",
+        ),
+    ):
+        assert main(["evaluate", model, str(tmp_path), *command]) == 2
+        assert said in capsys.readouterr().err
+    (tmp_path / "test.jsonl").write_text(json.dumps({"text": "meh", "label": "neutral"}) + "\n")
+    assert main(["evaluate", model, str(tmp_path), "--task", "sentiment"]) == 2
+    assert "'neutral'" in capsys.readouterr().err
+
+
 def test_cli_rejects_a_bad_override(run_config, capsys):
     assert main(["train", str(run_config), "train.lr=fast"]) == 2
     assert "train.lr: expected float, got str 'fast'" in capsys.readouterr().err

@@ -56,6 +56,18 @@ def test_vader_sentiment_leaves_out_the_neutral_band(prepared, cache):
     assert not any("&amp;" in text for text in train["text"]), "HTML entities are decoded"
 
 
+def test_vader_reviews_editorials_are_the_other_two_domains_labelled_alike(prepared, cache):
+    splits = load_builtin("vader_reviews_editorials", cache)
+    assert {name: len(ds) for name, ds in splits.items()} == {"train": 4548, "validation": 568, "test": 570}
+    rows = [row for ds in splits.values() for row in ds]
+    assert {row["source"] for row in rows} == {"amazon", "nyt"}
+    assert all(
+        0.5 < abs(row["score"]) <= 4 and (row["label"] == "positive") == (row["score"] > 0) for row in rows
+    )
+    training = {text for ds in load_builtin("vader_sentiment", cache).values() for text in ds["text"]}
+    assert not training & {row["text"] for row in rows}, "no snippet of the training domains"
+
+
 def test_wnut16_bio_tags_over_ten_types(prepared, cache):
     splits = load_builtin("wnut16", cache)
     assert sum(len(ds) for ds in splits.values()) == 2295  # 2,394 tweets, 99 repeated
@@ -91,7 +103,7 @@ def test_splits_are_disjoint_deterministic_and_recorded(prepared, cache, tmp_pat
 def test_unknown_builtin_lists_the_known_ones():
     with pytest.raises(ValueError, match=r"unknown builtin dataset 'imdb'; builtin datasets: \['bbc_news'"):
         load_builtin("imdb")
-    assert sorted(BUILTIN_DATASETS) == ["bbc_news", "vader_sentiment", "wnut16"]
+    assert sorted(BUILTIN_DATASETS) == ["bbc_news", "vader_reviews_editorials", "vader_sentiment", "wnut16"]
 
 
 def test_cache_root_honours_the_environment(monkeypatch, tmp_path):
