@@ -65,8 +65,10 @@ def shard_results(
     batch_size: int,
     utilization: ExpertUtilization,
     shard: EvalShard,
+    on_batch: Callable[[], object] = lambda: None,
 ) -> list[Result]:
-    """Predictions for this rank's examples of ``task``'s ``split``, in batches of rows of similar length."""
+    """Predictions for this rank's examples of ``task``'s ``split``, in batches of rows of similar length;
+    ``on_batch`` is called after each (a progress bar's step)."""
     dataset = task.splits[split]
     # Longest first: a batch of rows in split order pads to about the split's longest row (64 short tweets
     # beside one long one); sorted, each batch pads only to its own longest. Results carry their example index,
@@ -80,6 +82,7 @@ def shard_results(
         rows = list(dataset.select(indices or [0]))
         batch = collate(rows, task=task.name)
         output = forward(batch)
+        on_batch()
         if not indices:
             continue
         utilization.update(task.name, output.router_stats)
@@ -132,17 +135,22 @@ def evaluate(
     shard = shard or EvalShard.of_process_group()
     utilization = ExpertUtilization()
     jobs = [(name, split) for name in sorted(tasks) for split in splits]
+    batches = sum(shard.num_batches(len(tasks[name].splits[split]), batch_size) for name, split in jobs)
     metrics: dict[str, dict[str, dict[str, float]]] = {}
-    for name, split in tqdm(jobs, desc=f"evaluate ({', '.join(splits)})", disable=not show_progress):
-        local = shard_results(
-            forward,
-            tasks[name],
-            split,
-            collate,
-            batch_size=batch_size,
-            utilization=utilization,
-            shard=shard,
-        )
-        every_rank = [result for results in shard.gather(local) for result in results]
-        metrics.setdefault(name, {})[split] = task_metrics(tasks[name], every_rank)
+    with tqdm(
+        total=batches, desc=f"evaluate ({', '.join(splits)})", unit="batch", disable=not show_progress
+    ) as progress:
+        for name, split in jobs:
+            local = shard_results(
+                forward,
+                tasks[name],
+                split,
+                collate,
+                batch_size=batch_size,
+                utilization=utilization,
+                shard=shard,
+                on_batch=progress.update,
+            )
+            every_rank = [result for results in shard.gather(local) for result in results]
+            metrics.setdefault(name, {})[split] = task_metrics(tasks[name], every_rank)
     return metrics, utilization.merged(shard.gather(utilization.counts))
