@@ -122,6 +122,22 @@ def _parse_wnut16(archive: Path) -> dict[str, list[Any]]:
     return sentences
 
 
+def _vader_dataset(
+    name: str, description: str, snippets: str, subsets: tuple[tuple[str, str], ...]
+) -> BuiltinDataset:
+    """A dataset of ``subsets`` of the VADER ground truth (one sdist holds all four domains)."""
+    return BuiltinDataset(
+        name=name,
+        task_type="sequence_classification",
+        package="vadersentiment",
+        version="3.3.2",
+        sdist=True,
+        description=description,
+        license=f"MIT (vaderSentiment); {snippets}.",
+        parse=partial(_parse_vader, subsets=subsets),
+    )
+
+
 BUILTIN_DATASETS = {
     spec.name: spec
     for spec in (
@@ -135,39 +151,22 @@ BUILTIN_DATASETS = {
             license="BBC copyright; distributed for non-commercial research (Greene & Cunningham, ICML 2006).",
             parse=_parse_bbc_news,
         ),
-        BuiltinDataset(
-            name="vader_sentiment",
-            task_type="sequence_classification",
-            package="vadersentiment",
-            version="3.3.2",
-            sdist=True,
-            description="Movie-review and tweet snippets with mean human sentiment ratings in [-4, 4]; "
-            f"label = sign of the rating, |rating| <= {VADER_NEUTRAL_BAND} left out; `score` keeps the rating.",
-            license="MIT (vaderSentiment); snippets from Pang & Lee movie reviews and public tweets.",
-            parse=partial(
-                _parse_vader,
-                subsets=(
-                    ("movie", "movieReviewSnippets_GroundTruth.txt"),
-                    ("tweet", "tweets_GroundTruth.txt"),
-                ),
-            ),
+        _vader_dataset(
+            "vader_sentiment",
+            "Movie-review and tweet snippets with mean human sentiment ratings in [-4, 4]; label = sign of the "
+            f"rating, |rating| <= {VADER_NEUTRAL_BAND} left out; `score` keeps the rating.",
+            "snippets from Pang & Lee movie reviews and public tweets",
+            (("movie", "movieReviewSnippets_GroundTruth.txt"), ("tweet", "tweets_GroundTruth.txt")),
         ),
-        BuiltinDataset(
-            name="vader_reviews_editorials",
-            task_type="sequence_classification",
-            package="vadersentiment",
-            version="3.3.2",
-            sdist=True,
-            description="VADER's other two domains, labelled as vader_sentiment: Amazon product-review and New "
-            "York Times editorial snippets. Sentiment text from elsewhere for a model trained on movies and "
-            "tweets (`megamoe evaluate ... --split all`).",
-            license="MIT (vaderSentiment); snippets from Amazon product reviews and NYT editorials.",
-            parse=partial(
-                _parse_vader,
-                subsets=(
-                    ("amazon", "amazonReviewSnippets_GroundTruth.txt"),
-                    ("nyt", "nytEditorialSnippets_GroundTruth.txt"),
-                ),
+        _vader_dataset(
+            "vader_reviews_editorials",
+            "VADER's other two domains, labelled as vader_sentiment: Amazon product-review and New York Times "
+            "editorial snippets. Sentiment text from elsewhere for a model trained on movies and tweets "
+            "(`megamoe evaluate ... --split all`).",
+            "snippets from Amazon product reviews and NYT editorials",
+            (
+                ("amazon", "amazonReviewSnippets_GroundTruth.txt"),
+                ("nyt", "nytEditorialSnippets_GroundTruth.txt"),
             ),
         ),
         BuiltinDataset(
