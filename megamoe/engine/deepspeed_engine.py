@@ -194,6 +194,13 @@ def merge_user_deepspeed_config(
             + ". Set these in the run config (train / parallel sections) and drop them from the JSON"
         )
     merged = _merge(generated, user)
+    if str(_lookup(user, "optimizer.type")).lower() not in ("none", "adam", "adamw"):
+        # Another optimizer takes the run config's lr and weight decay, not the flags of torch's AdamW.
+        params = {key: merged["optimizer"]["params"][key] for key in ("lr", "weight_decay")}
+        merged["optimizer"] = {
+            **user["optimizer"],
+            "params": {**params, **user["optimizer"].get("params", {})},
+        }
     if _lookup(user, "scheduler.type") not in (None, _lookup(generated, "scheduler.type")):
         merged["scheduler"] = user["scheduler"]  # the generated params belong to another schedule
     if _lookup(generated, "scheduler.params.warmup_max_lr") is None and not _keeps_group_lrs(merged):

@@ -335,6 +335,16 @@ def test_a_user_deepspeed_json_is_merged_when_it_agrees(tmp_path):
     assert merged["zero_optimization"] == {"stage": 2, "overlap_comm": True}
     assert merged["optimizer"]["type"] == "Adam" and merged["optimizer"]["params"]["betas"] == [0.9, 0.95]
     assert merged["optimizer"]["params"]["lr"] == train.lr, "generated keys the JSON leaves out stay"
+    # Another optimizer keeps the run's lr and weight decay, not AdamW's own flags (a TypeError in its
+    # constructor), and its own params win.
+    (tmp_path / "ds.json").write_text(
+        json.dumps({"optimizer": {"type": "Lamb", "params": {"max_coeff": 5.0}}})
+    )
+    merged = merge_user_deepspeed_config(tmp_path / "ds.json", deepspeed_config(train), world_size=2)
+    assert merged["optimizer"] == {
+        "type": "Lamb",
+        "params": {"lr": train.lr, "weight_decay": train.weight_decay, "max_coeff": 5.0},
+    }
 
 
 def test_a_user_deepspeed_json_that_disagrees_is_refused(tmp_path):
