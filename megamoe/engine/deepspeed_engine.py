@@ -397,6 +397,11 @@ class Engine:
         timeout_minutes: float = 30.0,
         head_lr: float | None = None,
     ):
+        if head_lr is not None and not _keeps_group_lrs(config):
+            raise ValueError(
+                "head_lr needs a scheduler that keeps each group's peak: `deepspeed_config(train)` with "
+                "train.head_lr set gives one (warmup_max_lr None); this config's would run the heads at the body's rate"
+            )
         init_distributed(timeout_minutes)
         self.timeout_minutes = timeout_minutes
         self.micro_steps = 0

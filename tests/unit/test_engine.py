@@ -87,6 +87,10 @@ def test_the_heads_step_at_head_lr_and_the_body_at_lr(zero_stage):
     train.max_grad_norm = train.warmup_ratio = 0.0
     config = deepspeed_config(train, ParallelSection(zero_stage=zero_stage))
     config["optimizer"]["params"]["eps"] = 1e-20  # the tiny attention's gradients are ~1e-7: eps would show
+    flat_peak = json.loads(json.dumps(config))
+    flat_peak["scheduler"]["params"]["warmup_max_lr"] = train.lr  # every group to the body's rate
+    with pytest.raises(ValueError, match="head_lr needs a scheduler that keeps each group's peak"):
+        Engine(objective, flat_peak, head_lr=train.head_lr)
     engine = Engine(objective, config, head_lr=train.head_lr)
     with deepspeed.zero.GatheredParameters(list(model.parameters())):  # ZeRO-3 holds partitions
         before = {name: param.detach().clone() for name, param in model.named_parameters()}
