@@ -134,6 +134,12 @@ def main() -> None:
     )
     parser.add_argument("--dense-lengths", type=int, nargs="+", default=[64, 128])
     parser.add_argument(
+        "--calibration-steps",
+        type=int,
+        default=40,
+        help="steps of each dense step-time calibration run (at 20 two starts differed by up to 20 %%)",
+    )
+    parser.add_argument(
         "--length-sweep-tasks", nargs="+", default=["topic"], help="tasks whose dense max length is swept"
     )
     parser.add_argument(
@@ -148,7 +154,7 @@ def main() -> None:
         return
     quickstart = yaml.safe_load(QUICKSTART.read_text())
     if args.quick:
-        quickstart["train"]["max_steps"] = 20
+        quickstart["train"]["max_steps"] = args.calibration_steps = 20
         args.seeds, args.dense_lrs, args.dense_head_lrs, args.dense_lengths = (
             args.seeds[:1],
             args.dense_lrs[:1],
@@ -176,7 +182,9 @@ def main() -> None:
         # Dense step time per task and length, from a short run (the warm-up quarter left out).
         calibration = {}
         for task, length in calibrations:
-            config = dense_config(quickstart, task, lr=1e-4, head_lr=None, max_length=length, steps=20)
+            config = dense_config(
+                quickstart, task, lr=1e-4, head_lr=None, max_length=length, steps=args.calibration_steps
+            )
             calibration[task, length] = train(config, work, f"calibrate_{task}_{length}")[
                 "steady_seconds_per_step"
             ]
