@@ -134,15 +134,19 @@ def export(args: argparse.Namespace) -> int:
 
 def upcycle(args: argparse.Namespace) -> int:
     """Turn a dense BERT-family checkpoint into a MegaMoE checkpoint (sparse upcycling): embeddings, attention
-    and norms copied, every MoE layer's experts initialized from the dense FFN, the router small; the tokenizer
-    travels along. With --noise-std 0 the result computes exactly what the dense model does."""
+    and norms copied, every MoE layer's experts initialized from the dense FFN (whole copies, or with
+    --granularity G its G slices), the router small; the tokenizer travels along. With --noise-std 0 the result
+    computes exactly what the dense model does."""
     from transformers import AutoTokenizer
 
     from .sources.builtin_models import resolve_model_source
-    from .sources.upcycle import upcycle_pretrained
+    from .sources.upcycle import dense_ffn_width, upcycle_pretrained
 
     try:
         source = resolve_model_source(args.source)
+        width, leftover = divmod(dense_ffn_width(source), args.granularity)
+        if leftover:
+            raise ValueError(f"--granularity {args.granularity} does not divide the dense FFN's width")
         model = upcycle_pretrained(
             source,
             tasks={},
@@ -151,6 +155,7 @@ def upcycle(args: argparse.Namespace) -> int:
             num_experts=args.num_experts,
             num_experts_per_tok=args.top_k,
             moe_layer_freq=args.moe_layer_freq,
+            moe_intermediate_size=width,
         )
     except (OSError, ValueError, KeyError) as err:
         print(f"error: cannot upcycle {args.source!r}: {err}", file=sys.stderr)
@@ -377,6 +382,13 @@ def build_parser() -> argparse.ArgumentParser:
     upcycle_parser.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
     upcycle_parser.add_argument(
         "--moe-layer-freq", type=int, default=1, help="every n-th layer becomes MoE (default 1: all)"
+    )
+    upcycle_parser.add_argument(
+        "--granularity",
+        type=at_least(int, 1),
+        default=1,
+        help="slices of the dense FFN per expert copy (default 1: whole copies); G makes each expert 1/G as "
+        "wide, and top-k = G costs the dense FFN's FLOPs (granular upcycling)",
     )
     upcycle_parser.add_argument(
         "--noise-std",

@@ -3,7 +3,8 @@
 Embeddings, attention and norms are copied; every MoE layer's experts start as copies of the dense FFN
 (optionally with a little noise to break symmetry) and the router starts small. With the noise off the
 upcycled model computes exactly what the dense one does: identical experts with renormalized top-k
-weights sum back to the dense FFN.
+weights sum back to the dense FFN. Experts narrower than the dense FFN are its slices (granular upcycling,
+`expert_granularity`), and hold it exactly too.
 """
 
 import json
@@ -101,6 +102,17 @@ def _first_position(model_type: str, pad_token_id: int | None) -> int:
     return pad_token_id + 1
 
 
+def _ffn_width(dense_config: PretrainedConfig) -> int:
+    return int(
+        dense_config.hidden_dim if dense_config.model_type == "distilbert" else dense_config.intermediate_size
+    )
+
+
+def dense_ffn_width(source: str) -> int:
+    """The hidden width of a BERT-family checkpoint's feed-forward layers (a Hub id or local directory)."""
+    return _ffn_width(AutoConfig.from_pretrained(source))
+
+
 def config_from_bert(dense_config: PretrainedConfig, **overrides: Any) -> MegaMoEConfig:
     """The MegaMoE architecture that holds a BERT-family ``dense_config`` exactly; MoE and task settings come
     in ``overrides``."""
@@ -113,12 +125,13 @@ def config_from_bert(dense_config: PretrainedConfig, **overrides: Any) -> MegaMo
         raise ValueError(
             "only bidirectional encoders can be upcycled (is_decoder / add_cross_attention is set)"
         )
+    intermediate = _ffn_width(dense_config)
     if dense_config.model_type == "distilbert":  # its own field names; no token types, LayerNorm eps fixed
-        intermediate, act = dense_config.hidden_dim, dense_config.activation
+        act = dense_config.activation
         dropout, attention_dropout = dense_config.dropout, dense_config.attention_dropout
         layer_norm_eps, type_vocab_size = 1e-12, 0
     else:
-        intermediate, act = dense_config.intermediate_size, dense_config.hidden_act
+        act = dense_config.hidden_act
         dropout, attention_dropout = (
             dense_config.hidden_dropout_prob,
             dense_config.attention_probs_dropout_prob,
@@ -155,7 +168,37 @@ def config_from_bert(dense_config: PretrainedConfig, **overrides: Any) -> MegaMo
         raise ValueError(
             "upcycling needs norm_topk_prob=True: unnormalized top-k weights scale the dense FFN"
         )
-    return MegaMoEConfig(**kwargs)
+    config = MegaMoEConfig(**kwargs)
+    if config.moe_layers():
+        expert_granularity(config)  # an expert width that does not slice the dense FFN fails here, early
+    return config
+
+
+def expert_granularity(config: MegaMoEConfig) -> int:
+    """How many slices of the dense FFN make one copy of it among the experts: 1 when every expert is a whole
+    copy (sparse upcycling), G when experts are ``intermediate_size / G`` wide (granular upcycling, He et
+    al. 2024, "Upcycling Large Language Models into Mixture of Experts": virtual groups).
+
+    Experts ``r * G .. r * G + G - 1`` are the G slices of copy r, and share one router row, so at init the
+    router picks whole copies: top-k must be a multiple of G. Each expert's down projection is scaled by G
+    (its slice's weight is 1/G of its copy's), so the upcycled layer computes the dense FFN exactly, at top-k
+    = G with the dense FFN's FLOPs per token.
+    """
+    width, dense_width = config.moe_intermediate_size, config.intermediate_size
+    granularity = dense_width // width
+    if granularity * width != dense_width:
+        raise ValueError(
+            f"moe_intermediate_size {width} does not slice the dense FFN's {dense_width} evenly: upcycled experts "
+            f"are {dense_width} wide (whole copies) or {dense_width} / G for G slices per copy"
+        )
+    for field in ("num_experts", "num_experts_per_tok"):
+        if getattr(config, field) % granularity:
+            raise ValueError(
+                f"{field} {getattr(config, field)} is not a multiple of {granularity}, the slices per copy of "
+                f"the dense FFN (intermediate_size {dense_width} / moe_intermediate_size {width}): the router "
+                "starts by picking whole copies"
+            )
+    return granularity
 
 
 def upcycled_tensors(
@@ -185,6 +228,12 @@ def upcycled_tensors(
     if config.num_shared_experts > 0:
         raise ValueError("upcycling starts without shared experts (a copy would count the dense FFN twice)")
     layout = _layout(model_type)
+    granularity = expert_granularity(config) if config.moe_layers() else 1
+    width = config.moe_intermediate_size
+    # Expert e holds slice e % G of the dense FFN's hidden units.
+    expert_slices = [
+        slice((e % granularity) * width, (e % granularity + 1) * width) for e in range(config.num_experts)
+    ]
     names = _encoder_names(dense_state)
 
     def tensor(path: str, param: str = "weight") -> torch.Tensor:
@@ -221,22 +270,25 @@ def upcycled_tensors(
             yield from take(f"{ours}.mlp.down_proj", layout.ffn_down.format(i=i))
             continue
         dtype = torch.float32
-        for name, path, param in (
-            ("up_proj", layout.ffn_up, "weight"),
-            ("up_proj_bias", layout.ffn_up, "bias"),
-            ("down_proj", layout.ffn_down, "weight"),
-            ("down_proj_bias", layout.ffn_down, "bias"),
+        for name, path, param, sliced, scale in (
+            ("up_proj", layout.ffn_up, "weight", lambda t, s: t[s], 1),  # [F, D]: rows are hidden units
+            ("up_proj_bias", layout.ffn_up, "bias", lambda t, s: t[s], 1),
+            ("down_proj", layout.ffn_down, "weight", lambda t, s: t[:, s], granularity),  # [D, F]
+            ("down_proj_bias", layout.ffn_down, "bias", lambda t, s: t, 1),  # each slice's share is 1/G
         ):
             dense = tensor(path.format(i=i), param)
             dtype = dense.dtype
-            copies = dense.expand(config.num_experts, *dense.shape).clone()
+            experts = torch.stack([sliced(dense, rows) for rows in expert_slices])
+            if scale != 1:
+                experts *= scale
             if expert_noise_std > 0:
-                noise = torch.randn(copies.shape, generator=generator, dtype=copies.dtype)
-                copies += expert_noise_std * dense.std() * noise
-            yield f"{ours}.mlp.experts.{name}", copies
+                noise = torch.randn(experts.shape, generator=generator, dtype=experts.dtype)
+                experts += expert_noise_std * scale * dense.std() * noise
+            yield f"{ours}.mlp.experts.{name}", experts
         std = config.initializer_range if router_std is None else router_std
-        router = torch.randn(config.num_experts, config.hidden_size, generator=generator) * std
-        yield f"{ours}.mlp.router.weight", router.to(dtype)
+        copies = config.num_experts // granularity
+        router = torch.randn(copies, config.hidden_size, generator=generator) * std
+        yield f"{ours}.mlp.router.weight", router.repeat_interleave(granularity, dim=0).to(dtype)
         if config.task_aware_routing:
             yield f"{ours}.mlp.router.task_logit_bias", torch.zeros(len(config.tasks), config.num_experts)
 

