@@ -144,9 +144,12 @@ def upcycle(args: argparse.Namespace) -> int:
 
     try:
         source = resolve_model_source(args.source)
-        width, leftover = divmod(dense_ffn_width(source), args.granularity)
+        dense_width = dense_ffn_width(source)
+        width, leftover = divmod(dense_width, args.granularity)
         if leftover:
-            raise ValueError(f"--granularity {args.granularity} does not divide the dense FFN's width")
+            raise ValueError(
+                f"--granularity {args.granularity} does not divide the dense FFN's width {dense_width}"
+            )
         model = upcycle_pretrained(
             source,
             tasks={},

@@ -194,7 +194,8 @@ def merge_user_deepspeed_config(
             + ". Set these in the run config (train / parallel sections) and drop them from the JSON"
         )
     merged = _merge(generated, user)
-    if str(_lookup(user, "optimizer.type")).lower() not in ("none", "adam", "adamw"):
+    user_optimizer = _lookup(user, "optimizer.type")
+    if user_optimizer is not None and user_optimizer.lower() not in ("adam", "adamw"):
         # Another optimizer takes the run config's lr and weight decay, not the flags of torch's AdamW.
         params = {key: merged["optimizer"]["params"][key] for key in ("lr", "weight_decay")}
         merged["optimizer"] = {

