@@ -145,6 +145,12 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="20 quickstart steps, one dense setting: checks the bench"
     )
+    parser.add_argument(
+        "--settings-from",
+        type=Path,
+        help="the --out report of an earlier run: its dense step times and picked settings, no calibration and no "
+        "sweep (to add seeds to that run)",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "quickstart_vs_dense.json")
     parser.add_argument("--plot", type=Path, help="a PNG of the test metrics, MoE beside dense")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
@@ -168,19 +174,31 @@ def main() -> None:
     }
     rates = [(lr, None) for lr in args.dense_lrs]
     rates += [(lr, head_lr) for lr in args.dense_lrs for head_lr in args.dense_head_lrs if head_lr > lr]
-    tuning = [(task, *rate, length) for task in tasks for rate in rates for length in lengths[task]]
+    tuning: list[tuple[str, float, float | None, int]] = [
+        (task, *rate, length) for task in tasks for rate in rates for length in lengths[task]
+    ]
     from tqdm.auto import tqdm
 
     report: dict[str, Any] = {"command": sys.argv, "seeds": {}}
+    calibration: dict[tuple[str, int], float] = {}
+    chosen: dict[str, tuple[float, float | None, int]] = {}
+    if args.settings_from:
+        earlier = json.loads(args.settings_from.read_text())
+        for key, seconds in earlier["dense_seconds_per_step"].items():
+            task, length = key.split("@")
+            calibration[task, int(length)] = seconds
+        chosen = {
+            task: tuple(setting) for task, setting in earlier["dense_chosen_on_seed"]["settings"].items()
+        }
+        tuning = [(task, *setting) for task, setting in chosen.items()]
     with tempfile.TemporaryDirectory(prefix="megamoe-vs-dense-") as tmp:
         work = Path(tmp)
-        calibrations = sorted({(task, length) for task, _, _, length in tuning})
+        calibrations = [] if calibration else sorted({(task, length) for task, _, _, length in tuning})
         progress = tqdm(
             total=len(calibrations) + len(args.seeds) * (1 + len(tasks)) + len(tuning) - len(tasks),
             desc="runs",
         )
         # Dense step time per task and length, from a short run (the warm-up quarter left out).
-        calibration = {}
         for task, length in calibrations:
             config = dense_config(
                 quickstart, task, lr=1e-4, head_lr=None, max_length=length, steps=args.calibration_steps
@@ -192,7 +210,6 @@ def main() -> None:
         report["dense_seconds_per_step"] = {
             f"{task}@{length}": s for (task, length), s in calibration.items()
         }
-        chosen: dict[str, tuple[float, float | None, int]] = {}
         for seed in args.seeds:
             moe = train({**quickstart, "train": {**quickstart["train"], "seed": seed}}, work, f"moe_{seed}")
             progress.update(1)
@@ -224,7 +241,9 @@ def main() -> None:
             }
             report["seeds"][seed] = {"moe": moe, "dense": dense}
         progress.close()
-    report["dense_chosen_on_seed"] = {"seed": args.seeds[0], "settings": chosen}
+    report["dense_chosen_on_seed"] = (
+        earlier["dense_chosen_on_seed"] if args.settings_from else {"seed": args.seeds[0], "settings": chosen}
+    )
 
     rows = []
     for task in tasks:
