@@ -102,7 +102,9 @@ class DynamicWeightAverage(LossWeighting):
 
     def forward(self, task: str, loss: torch.Tensor) -> torch.Tensor:
         i = self.index(task)
-        weighted = self.weights[i] * loss / len(self.task_names)
+        # A copy: the backward needs this micro-batch's weight after the window it closes has updated the
+        # buffer in place (autograd refuses a saved tensor changed since).
+        weighted = self.weights[i].clone() * loss / len(self.task_names)
         if self.training:
             # A non-finite loss (its step is skipped) would stay in every later window's ratio: left out, on
             # the device (a branch would read the loss to the host).

@@ -55,6 +55,22 @@ def test_dwa_weights_after_two_windows():
     assert weighting("topic", torch.tensor(1.0)).item() == pytest.approx(weights["topic"] / 2, rel=1e-6)
 
 
+def test_dwa_backpropagates_through_the_micro_batch_that_updates_its_weights():
+    """The micro-batch closing the second window changes the weights in place inside its own forward; its
+    backward must still see the weight it was scaled by (a training run crashed there at step 200)."""
+    weighting = DynamicWeightAverage(TASKS, window_steps=2)
+    weighting.train()
+    gradients = []
+    for task, value in [("topic", 2.0), ("ner", 1.0), ("topic", 1.0), ("ner", 1.0), ("topic", 1.0)]:
+        loss = torch.tensor(value, requires_grad=True)
+        weight_used = weighting.current_weights()[task]
+        weighting(task, loss).backward()
+        gradients.append((loss.grad.item(), weight_used / len(TASKS)))
+    assert weighting.current_weights()["topic"] < 1.0, "the weights moved after the second window"
+    for gradient, expected in gradients:
+        assert gradient == pytest.approx(expected, rel=1e-6)
+
+
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
 def test_dwa_leaves_a_non_finite_loss_out_of_its_windows(bad):
     """A skipped step's NaN/inf loss would otherwise be in every later ratio: the weights would stay NaN."""
