@@ -31,14 +31,16 @@ class LossWeighting(nn.Module):
 
 
 class StaticWeighting(LossWeighting):
-    """Fixed α_t: ``L = Σ_t α_t L_t / T`` (T tasks)."""
+    """Fixed α_t: ``L = Σ_t α_t L_t``. A micro-batch holds one task, so at α_t = 1 it trains at the scale of
+    that task's single-task fine-tune: gradient clipping and the router losses' coefficients mean the same in
+    both (dividing by the number of tasks T made clipping T times looser)."""
 
     weights: torch.Tensor
 
     def __init__(self, task_names: list[str], alphas: dict[str, float] | None = None):
         super().__init__(task_names)
         alphas = alphas or {}
-        weights = [alphas.get(name, 1.0) / len(self.task_names) for name in self.task_names]
+        weights = [alphas.get(name, 1.0) for name in self.task_names]
         self.register_buffer("weights", torch.tensor(weights))
 
     def forward(self, task: str, loss: torch.Tensor) -> torch.Tensor:
@@ -71,8 +73,8 @@ class DynamicWeightAverage(LossWeighting):
     ``w_t = T · softmax_t(r_t / τ)`` with ``r_t = L̄_t(k-1) / L̄_t(k-2)``, the ratio of task t's mean loss
     over the two previous windows; weights are 1 until two windows have completed. A window is
     ``window_steps`` training micro-batches (the paper's epoch; one task per micro-batch here). The loss is
-    ``w_t L_t / T`` so the weights average to the static formula's scale. Window means are all-reduced
-    across data-parallel ranks so every rank uses the same weights.
+    ``w_t L_t``: the weights average 1, the static formula's scale. Window means are all-reduced across
+    data-parallel ranks so every rank uses the same weights.
     """
 
     weights: torch.Tensor
@@ -104,7 +106,7 @@ class DynamicWeightAverage(LossWeighting):
         i = self.index(task)
         # A copy: the backward needs this micro-batch's weight after the window it closes has updated the
         # buffer in place (autograd refuses a saved tensor changed since).
-        weighted = self.weights[i].clone() * loss / len(self.task_names)
+        weighted = self.weights[i].clone() * loss
         if self.training:
             # A non-finite loss (its step is skipped) would stay in every later window's ratio: left out, on
             # the device (a branch would read the loss to the host).

@@ -16,10 +16,12 @@ from tests.conftest import DeviceReads
 TASKS = ["topic", "ner"]
 
 
-def test_static_divides_by_the_number_of_tasks():
+def test_static_scales_each_task_by_its_alpha_alone():
+    """Not divided by the number of tasks: at α = 1 a task's micro-batch has its single-task loss."""
     weighting = StaticWeighting(TASKS, {"ner": 2.0})
-    assert weighting("ner", torch.tensor(3.0)).item() == pytest.approx(2.0 * 3.0 / 2)
-    assert weighting.current_weights() == {"ner": 1.0, "topic": 0.5}
+    assert weighting("ner", torch.tensor(3.0)).item() == pytest.approx(2.0 * 3.0)
+    assert weighting("topic", torch.tensor(3.0)).item() == pytest.approx(3.0)
+    assert weighting.current_weights() == {"ner": 2.0, "topic": 1.0}
 
 
 def test_uncertainty_loss_and_gradient_match_the_closed_form():
@@ -52,7 +54,7 @@ def test_dwa_weights_after_two_windows():
     weights = weighting.current_weights()
     assert weights["ner"] == pytest.approx(2 * e_ner / (e_ner + e_topic), rel=1e-6)
     assert weights["topic"] == pytest.approx(2 * e_topic / (e_ner + e_topic), rel=1e-6)
-    assert weighting("topic", torch.tensor(1.0)).item() == pytest.approx(weights["topic"] / 2, rel=1e-6)
+    assert weighting("topic", torch.tensor(1.0)).item() == pytest.approx(weights["topic"], rel=1e-6)
 
 
 def test_dwa_backpropagates_through_the_micro_batch_that_updates_its_weights():
@@ -65,7 +67,7 @@ def test_dwa_backpropagates_through_the_micro_batch_that_updates_its_weights():
         loss = torch.tensor(value, requires_grad=True)
         weight_used = weighting.current_weights()[task]
         weighting(task, loss).backward()
-        gradients.append((loss.grad.item(), weight_used / len(TASKS)))
+        gradients.append((loss.grad.item(), weight_used))
     assert weighting.current_weights()["topic"] < 1.0, "the weights moved after the second window"
     for gradient, expected in gradients:
         assert gradient == pytest.approx(expected, rel=1e-6)
