@@ -148,8 +148,9 @@ def main() -> None:
     parser.add_argument(
         "--settings-from",
         type=Path,
-        help="the --out report of an earlier run: its dense step times and picked settings, no calibration and no "
-        "sweep (to add seeds to that run)",
+        help="the --out report of an earlier run: its picked dense settings, no sweep (to add seeds, or to rerun a "
+        "changed quickstart against the same dense settings); the step times are calibrated again (they differ "
+        "between machines and days)",
     )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "quickstart_vs_dense.json")
     parser.add_argument("--plot", type=Path, help="a PNG of the test metrics, MoE beside dense")
@@ -184,16 +185,13 @@ def main() -> None:
     chosen: dict[str, tuple[float, float | None, int]] = {}
     if args.settings_from:
         earlier = json.loads(args.settings_from.read_text())
-        for key, seconds in earlier["dense_seconds_per_step"].items():
-            task, length = key.split("@")
-            calibration[task, int(length)] = seconds
         chosen = {
             task: tuple(setting) for task, setting in earlier["dense_chosen_on_seed"]["settings"].items()
         }
         tuning = [(task, *setting) for task, setting in chosen.items()]
     with tempfile.TemporaryDirectory(prefix="megamoe-vs-dense-") as tmp:
         work = Path(tmp)
-        calibrations = [] if calibration else sorted({(task, length) for task, _, _, length in tuning})
+        calibrations = sorted({(task, length) for task, _, _, length in tuning})
         progress = tqdm(
             total=len(calibrations) + len(args.seeds) * (1 + len(tasks)) + len(tuning) - len(tasks),
             desc="runs",
@@ -256,7 +254,9 @@ def main() -> None:
         )
     seconds = [r["moe"]["train_seconds"] for r in report["seeds"].values()]
     print(f"training time per seed: {', '.join(f'{s:.0f} s' for s in seconds)} (the dense three share each)")
-    print("dense settings (lr, head lr, max length), picked on the first seed's validation:", chosen)
+    picked = report["dense_chosen_on_seed"]["seed"]
+    source = f" of {args.settings_from}" if args.settings_from else ""
+    print(f"dense settings (lr, head lr, max length), picked on seed {picked}'s validation{source}:", chosen)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
     if args.plot:
