@@ -175,8 +175,9 @@ class TrainSection:
     lr: float = 1e-4
     """Peak learning rate."""
     head_lr: float | None = None
-    """Peak learning rate of the task heads (None = `lr`). Heads start from scratch on a pretrained body, so
-    they may want a higher rate than the body tolerates; the schedule's shape is the body's."""
+    """Peak learning rate of what starts from scratch: the task heads and the loss weighting's parameters
+    (uncertainty's; None = `lr`). They may want a higher rate than a pretrained body tolerates; the schedule's
+    shape is the body's."""
     weight_decay: float = 0.01
     """AdamW weight decay."""
     warmup_ratio: float = 0.1

@@ -74,7 +74,8 @@ def test_no_weight_decay_on_biases_and_norms():
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_the_heads_step_at_head_lr_and_the_body_at_lr(zero_stage):
     """AdamW's step on a gradient it has seen every step before (the same batch, those steps at warmup's rate
-    0) moves each weight by rate * g / (|g| + eps): the largest move of every parameter is its group's rate."""
+    0) moves each weight by rate * g / (|g| + eps): the largest move of every parameter is its group's rate.
+    The uncertainty weighting's log-variances start from scratch too: at the heads' rate."""
     import deepspeed
 
     from megamoe.tasks.objective import MultiTaskObjective
@@ -82,7 +83,7 @@ def test_the_heads_step_at_head_lr_and_the_body_at_lr(zero_stage):
 
     torch.manual_seed(0)
     model = MegaMoEForMultiTask(tiny_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
-    objective = MultiTaskObjective(model, build_weighting("static", list(model.config.tasks)))
+    objective = MultiTaskObjective(model, build_weighting("uncertainty", list(model.config.tasks)))
     train = TrainSection(max_steps=10, micro_batch_size=8, lr=1e-3, head_lr=2e-2, weight_decay=0.0)
     train.max_grad_norm = train.warmup_ratio = 0.0
     config = deepspeed_config(train, ParallelSection(zero_stage=zero_stage))
@@ -92,19 +93,24 @@ def test_the_heads_step_at_head_lr_and_the_body_at_lr(zero_stage):
     with pytest.raises(ValueError, match="head_lr needs a scheduler that keeps each group's peak"):
         Engine(objective, flat_peak, head_lr=train.head_lr)
     engine = Engine(objective, config, head_lr=train.head_lr)
-    with deepspeed.zero.GatheredParameters(list(model.parameters())):  # ZeRO-3 holds partitions
-        before = {name: param.detach().clone() for name, param in model.named_parameters()}
+    with deepspeed.zero.GatheredParameters(list(objective.parameters())):  # ZeRO-3 holds partitions
+        before = {name: param.detach().clone() for name, param in objective.named_parameters()}
     batch = next(synthetic_batches())  # topic: its head and the body get gradients, the other heads none
     while engine.lr == 0.0:  # DeepSpeed's WarmupLR starts at its minimum, 0 here
         engine.train_step(batch)
     rate = engine.lr  # the body's, for the next step
     engine.train_step(batch)
-    with deepspeed.zero.GatheredParameters(list(model.parameters())):
-        moves = {name: (param - before[name]).abs().max().item() for name, param in model.named_parameters()}
-    rates = {name: rate * (20 if name.startswith("heads.") else 1) for name in moves if moves[name] > 0}
-    assert {name for name in rates if name.startswith("heads.")} == {
-        f"heads.topic.{layer}.{param}" for layer in ("dense", "out_proj") for param in ("weight", "bias")
-    }
+    with deepspeed.zero.GatheredParameters(list(objective.parameters())):
+        moves = {
+            name: (param - before[name]).abs().max().item() for name, param in objective.named_parameters()
+        }
+    fresh = ("model.heads.", "weighting.")
+    rates = {name: rate * (20 if name.startswith(fresh) else 1) for name in moves if moves[name] > 0}
+    assert {name for name in rates if name.startswith(fresh)} == {
+        f"model.heads.topic.{layer}.{param}"
+        for layer in ("dense", "out_proj")
+        for param in ("weight", "bias")
+    } | {"weighting.log_variances"}
     assert {name: moves[name] for name in rates} == pytest.approx(rates, rel=1e-3)
 
 
