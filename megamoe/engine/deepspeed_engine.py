@@ -260,14 +260,14 @@ def parameter_groups(
         if not param.requires_grad:
             continue
         decays = not name.endswith(_NO_DECAY_SUFFIXES)
-        head = head_lr is not None and not FRESH_MODULES.isdisjoint(name.split("."))
-        key = ("heads_" if head else "") + ("decay" if decays else "no_decay")
+        fresh = head_lr is not None and not FRESH_MODULES.isdisjoint(name.split("."))
+        key = ("fresh_" if fresh else "") + ("decay" if decays else "no_decay")
         if key not in groups:
             groups[key] = {"name": key, "params": [], "weight_decay": weight_decay if decays else 0.0}
-            if head:
+            if fresh:
                 groups[key]["lr"] = head_lr
         groups[key]["params"].append(param)
-    order = ("decay", "no_decay", "heads_decay", "heads_no_decay")
+    order = ("decay", "no_decay", "fresh_decay", "fresh_no_decay")
     return split_params_into_different_moe_groups_for_optimizer([groups[k] for k in order if k in groups])
 
 
