@@ -173,15 +173,6 @@ def main() -> None:
     lengths = {
         task: args.dense_lengths if task in args.length_sweep_tasks else [default_length] for task in tasks
     }
-    rates = [(lr, None) for lr in args.dense_lrs]
-    rates += [(lr, head_lr) for lr in args.dense_lrs for head_lr in args.dense_head_lrs if head_lr > lr]
-    tuning: list[tuple[str, float, float | None, int]] = [
-        (task, *rate, length) for task in tasks for rate in rates for length in lengths[task]
-    ]
-    from tqdm.auto import tqdm
-
-    report: dict[str, Any] = {"command": sys.argv, "seeds": {}}
-    calibration: dict[tuple[str, int], float] = {}
     chosen: dict[str, tuple[float, float | None, int]] = {}
     if args.settings_from:
         earlier = json.loads(args.settings_from.read_text())
@@ -189,6 +180,13 @@ def main() -> None:
             task: tuple(setting) for task, setting in earlier["dense_chosen_on_seed"]["settings"].items()
         }
         tuning = [(task, *setting) for task, setting in chosen.items()]
+    else:
+        rates = [(lr, None) for lr in args.dense_lrs]
+        rates += [(lr, head_lr) for lr in args.dense_lrs for head_lr in args.dense_head_lrs if head_lr > lr]
+        tuning = [(task, *rate, length) for task in tasks for rate in rates for length in lengths[task]]
+    from tqdm.auto import tqdm
+
+    report: dict[str, Any] = {"command": sys.argv, "seeds": {}}
     with tempfile.TemporaryDirectory(prefix="megamoe-vs-dense-") as tmp:
         work = Path(tmp)
         calibrations = sorted({(task, length) for task, _, _, length in tuning})
@@ -197,6 +195,7 @@ def main() -> None:
             desc="runs",
         )
         # Dense step time per task and length, from a short run (the warm-up quarter left out).
+        calibration: dict[tuple[str, int], float] = {}
         for task, length in calibrations:
             config = dense_config(
                 quickstart, task, lr=1e-4, head_lr=None, max_length=length, steps=args.calibration_steps
