@@ -1,6 +1,7 @@
 """The `megamoe` command line."""
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -98,12 +99,18 @@ def train(args: argparse.Namespace) -> int:
         config = load_config(args.config, args.overrides)
         resume = config.run_dir if args.resume is True else args.resume
         result = run(config, resume=resume)
-    except (ConfigError, TopologyError, CheckpointError, DataError, LabelError) as err:
+    except (ConfigError, TopologyError) as err:
+        # Every rank on a node reads the same config and run_dir filesystem, so every one raises it: said once
+        # per node (the launcher would interleave its ranks' copies on one line). LOCAL_RANK is set by the
+        # launcher before any process group exists.
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (CheckpointError, DataError, LabelError) as err:  # may differ per rank (its own shard, its files)
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except (
-        TrainingDivergedError
-    ) as err:  # raised on every rank (the skips are the same everywhere): said once
+    except TrainingDivergedError as err:
+        # Raised on every rank (the skips are the same everywhere): said once.
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(f"error: {err}", file=sys.stderr)
         return 1

@@ -77,6 +77,21 @@ def test_train_answers_a_bad_model_or_source_with_an_error_line(tmp_path, capsys
     assert not (tmp_path / "run").exists(), "refused before any work"
 
 
+@pytest.mark.parametrize(("local_rank", "said"), [("0", True), ("1", False)])
+def test_a_config_error_is_said_once_per_node(tmp_path, capsys, monkeypatch, local_rank, said):
+    # Under the launcher every rank raises the same ConfigError: only each node's first process prints it.
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"run_dir: {tmp_path / 'run'}\n"
+        f"model: {{init: upcycle, base: {MINILM}}}\n"
+        "tasks: {topic: {type: sequence_classification, source: 'builtin:bbc_news'}}\n"
+    )
+    assert main(["train", str(config), "model.architecture.num_experts=0"]) == 2
+    err = capsys.readouterr().err
+    assert ("num_experts: must be >= 1, got 0" in err) is said
+
+
 def test_train_names_an_undeclared_label_by_its_line_in_the_file(tmp_path, capsys):
     data = tmp_path / "topic.csv"
     data.write_text(
