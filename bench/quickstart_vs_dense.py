@@ -16,7 +16,8 @@ at a higher one of its own (``train.head_lr``, as the MoE may have), x max lengt
 ``--length-sweep-tasks``, long documents; the others' texts are shorter than any length swept, so it would
 change nothing), the best per task picked on validation; the other seeds rerun that choice. Tuning runs are not
 charged to it, and the dense runs pay only their warm-up beyond T / 3 (a few steps: a bias in their favour).
-Reported on test: mean and range over seeds.
+Reported on test: mean and range over seeds; and, for the tasks of ``--elsewhere``, on that task's data from
+another domain, which no run trains on (a model good only on these test sets is not the goal).
 
 It prints the table, writes every run to ``--out`` and a bar plot to ``--plot``. Run it on a machine nothing
 else uses: the budget is wall time.
@@ -119,6 +120,25 @@ def score(metrics: dict[str, Any], task: str, split: str) -> float:
     return metrics[task][split][METRIC[task]]
 
 
+def scores_elsewhere(
+    model: Path, tasks: list[str], elsewhere: dict[str, str], max_length: int
+) -> dict[str, Any]:
+    """The model's metric on each of its tasks' data from elsewhere (every row; the length it trained at)."""
+    from megamoe.evaluate import evaluate_model
+
+    return {
+        task: {
+            "source": elsewhere[task],
+            "max_length": max_length,
+            METRIC[task]: evaluate_model(
+                str(model), task, elsewhere[task], split="all", max_length=max_length
+            ).metrics[METRIC[task]],
+        }
+        for task in tasks
+        if task in elsewhere
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -152,6 +172,14 @@ def main() -> None:
         "changed quickstart against the same dense settings); the step times are calibrated again (they differ "
         "between machines and days)",
     )
+    parser.add_argument(
+        "--elsewhere",
+        nargs="*",
+        default=["sentiment=builtin:vader_reviews_editorials"],
+        metavar="TASK=SOURCE",
+        help="data of a task from another domain, which no run trains on: every row of it scores the MoE and the "
+        "picked dense run of that task (default: VADER's Amazon reviews and NYT editorials for sentiment)",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "quickstart_vs_dense.json")
     parser.add_argument("--plot", type=Path, help="a PNG of the test metrics, MoE beside dense")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
@@ -159,6 +187,7 @@ def main() -> None:
     if args.worker:
         worker(*args.worker)
         return
+    elsewhere = dict(pair.split("=", 1) for pair in args.elsewhere)
     quickstart = yaml.safe_load(QUICKSTART.read_text())
     if args.quick:
         quickstart["train"]["max_steps"] = args.calibration_steps = 20
@@ -209,6 +238,9 @@ def main() -> None:
         }
         for seed in args.seeds:
             moe = train({**quickstart, "train": {**quickstart["train"], "seed": seed}}, work, f"moe_{seed}")
+            moe["elsewhere"] = scores_elsewhere(
+                work / f"moe_{seed}" / "model", tasks, elsewhere, default_length
+            )
             progress.update(1)
             budget = moe["train_seconds"] / len(tasks)
             dense: dict[str, Any] = {}
@@ -225,12 +257,23 @@ def main() -> None:
                         quickstart, task, lr=lr, head_lr=head_lr, max_length=length, steps=steps
                     )
                     config["train"]["seed"] = seed
-                    result = train(config, work, f"dense_{seed}_{task}_{lr}_{head_lr}_{length}")
+                    name = f"dense_{seed}_{task}_{lr}_{head_lr}_{length}"
+                    result = train(config, work, name)
                     tried.append(
-                        {"lr": lr, "head_lr": head_lr, "max_length": length, "steps": steps, **result}
+                        {
+                            "name": name,
+                            "lr": lr,
+                            "head_lr": head_lr,
+                            "max_length": length,
+                            "steps": steps,
+                            **result,
+                        }
                     )
                     progress.update(1)
                 best = max(tried, key=lambda run: score(run["metrics"], task, "validation"))
+                best["elsewhere"] = scores_elsewhere(
+                    work / best["name"] / "model", [task], elsewhere, best["max_length"]
+                )
                 dense[task] = {"best": best, "tried": tried}
             chosen = chosen or {
                 task: (d["best"]["lr"], d["best"]["head_lr"], d["best"]["max_length"])
@@ -250,6 +293,13 @@ def main() -> None:
         print(
             f"{task:10s} test {METRIC[task]:8s}  MoE {statistics.mean(moe):.4f} (range {min(moe):.4f}-{max(moe):.4f})"
             f"  dense {statistics.mean(dense):.4f} (range {min(dense):.4f}-{max(dense):.4f})"
+        )
+    for task, source in elsewhere.items():
+        moe = [r["moe"]["elsewhere"][task][METRIC[task]] for r in report["seeds"].values()]
+        dense = [r["dense"][task]["best"]["elsewhere"][task][METRIC[task]] for r in report["seeds"].values()]
+        print(
+            f"{task:10s} {source} {METRIC[task]:8s}  MoE {statistics.mean(moe):.4f} (range {min(moe):.4f}-"
+            f"{max(moe):.4f})  dense {statistics.mean(dense):.4f} (range {min(dense):.4f}-{max(dense):.4f})"
         )
     seconds = [r["moe"]["train_seconds"] for r in report["seeds"].values()]
     print(f"training time per seed: {', '.join(f'{s:.0f} s' for s in seconds)} (the dense three share each)")
