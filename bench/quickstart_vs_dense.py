@@ -139,6 +139,14 @@ def scores_elsewhere(
     }
 
 
+def summary_line(label: str, moe: list[float], dense: list[float]) -> str:
+    """``label``, then each side's mean and range over the seeds."""
+    return (
+        f"{label}  MoE {statistics.mean(moe):.4f} (range {min(moe):.4f}-{max(moe):.4f})"
+        f"  dense {statistics.mean(dense):.4f} (range {min(dense):.4f}-{max(dense):.4f})"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -287,20 +295,18 @@ def main() -> None:
 
     rows = []
     for task in tasks:
-        moe = [score(r["moe"]["metrics"], task, "test") for r in report["seeds"].values()]
-        dense = [score(r["dense"][task]["best"]["metrics"], task, "test") for r in report["seeds"].values()]
-        rows.append((task, moe, dense))
-        print(
-            f"{task:10s} test {METRIC[task]:8s}  MoE {statistics.mean(moe):.4f} (range {min(moe):.4f}-{max(moe):.4f})"
-            f"  dense {statistics.mean(dense):.4f} (range {min(dense):.4f}-{max(dense):.4f})"
-        )
+        moe_scores = [score(r["moe"]["metrics"], task, "test") for r in report["seeds"].values()]
+        dense_scores = [
+            score(r["dense"][task]["best"]["metrics"], task, "test") for r in report["seeds"].values()
+        ]
+        rows.append((task, moe_scores, dense_scores))
+        print(summary_line(f"{task:10s} test {METRIC[task]:8s}", moe_scores, dense_scores))
     for task, source in elsewhere.items():
-        moe = [r["moe"]["elsewhere"][task][METRIC[task]] for r in report["seeds"].values()]
-        dense = [r["dense"][task]["best"]["elsewhere"][task][METRIC[task]] for r in report["seeds"].values()]
-        print(
-            f"{task:10s} {source} {METRIC[task]:8s}  MoE {statistics.mean(moe):.4f} (range {min(moe):.4f}-"
-            f"{max(moe):.4f})  dense {statistics.mean(dense):.4f} (range {min(dense):.4f}-{max(dense):.4f})"
-        )
+        moe_scores = [r["moe"]["elsewhere"][task][METRIC[task]] for r in report["seeds"].values()]
+        dense_scores = [
+            r["dense"][task]["best"]["elsewhere"][task][METRIC[task]] for r in report["seeds"].values()
+        ]
+        print(summary_line(f"{task:10s} {source} {METRIC[task]:8s}", moe_scores, dense_scores))
     seconds = [r["moe"]["train_seconds"] for r in report["seeds"].values()]
     print(f"training time per seed: {', '.join(f'{s:.0f} s' for s in seconds)} (the dense three share each)")
     picked = report["dense_chosen_on_seed"]["seed"]
