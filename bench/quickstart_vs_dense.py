@@ -147,6 +147,14 @@ def summary_line(label: str, moe: list[float], dense: list[float]) -> str:
     )
 
 
+def task_and_source(value: str) -> tuple[str, str]:
+    """argparse type: ``TASK=SOURCE``, a quickstart task and a data source of it."""
+    task, equals, source = value.partition("=")
+    if not equals or task not in METRIC or not source:
+        raise argparse.ArgumentTypeError(f"{value!r}: give TASK=SOURCE with TASK one of {sorted(METRIC)}")
+    return task, source
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -183,7 +191,8 @@ def main() -> None:
     parser.add_argument(
         "--elsewhere",
         nargs="*",
-        default=["sentiment=builtin:vader_reviews_editorials"],
+        type=task_and_source,
+        default=[("sentiment", "builtin:vader_reviews_editorials")],
         metavar="TASK=SOURCE",
         help="data of a task from another domain, which no run trains on: every row of it scores the MoE and the "
         "picked dense run of that task (default: VADER's Amazon reviews and NYT editorials for sentiment)",
@@ -195,7 +204,7 @@ def main() -> None:
     if args.worker:
         worker(*args.worker)
         return
-    elsewhere = dict(pair.split("=", 1) for pair in args.elsewhere)
+    elsewhere = dict(args.elsewhere)
     quickstart = yaml.safe_load(QUICKSTART.read_text())
     if args.quick:
         quickstart["train"]["max_steps"] = args.calibration_steps = 20
