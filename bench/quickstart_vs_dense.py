@@ -7,9 +7,10 @@ same training time (issue 14's comparison).
 For each seed it runs, on 2 ranks through the deepspeed launcher (the quickstart's harness for every run):
 - the quickstart as shipped (`configs/quickstart.yaml`, ``train.seed`` = the seed), its training time T measured
   from the first to the last optimizer step;
-- for each task, dense fine-tunes of the same all-MiniLM-L6-v2 (`moe_layer_freq: 0`, that task alone), each
-  trained for the steps that fit in T / 3 at its measured step time (one short calibration run per task and
-  length: a length only costs what the task's texts fill of it).
+- for each task, dense fine-tunes of the same all-MiniLM-L6-v2 (the quickstart's architecture, its dropout
+  included, with `moe_layer_freq: 0`; that task alone), each trained for the steps that fit in T / 3 at its
+  measured step time (one short calibration run per task and length: a length only costs what the task's texts
+  fill of it).
 
 The dense side is tuned: on the first seed, a sweep of learning rate (every task), with the head at that rate or
 at a higher one of its own (``train.head_lr``, as the MoE may have), x max length (the tasks of
@@ -100,7 +101,8 @@ def dense_config(
     config["model"] = {
         "init": "upcycle",
         "base": quickstart["model"]["base"],
-        "architecture": {"moe_layer_freq": 0},
+        # The quickstart's architecture (its dropout included) with no MoE layer.
+        "architecture": {**quickstart["model"].get("architecture", {}), "moe_layer_freq": 0},
     }
     config["tasks"] = {
         task: {
