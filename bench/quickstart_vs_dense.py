@@ -173,7 +173,7 @@ def main() -> None:
     # In the 2026-12-02 seed-0 sweep 3e-5 lost on every task; in the 2026-12-06 one 1e-3 lost on every task
     # (NER F1 0.0, sentiment 0.55) and the heads' own rate came in: the dense side's tuning, not the MoE's.
     # The heads' rates of 2026-12-07: NER's validation F1 rose with every step up to 3e-2 (0.41 at 1e-3, 0.53
-    # at 3e-2), sentiment peaked at 3e-3. A full sweep is 40 runs (~1 h on 2 cores).
+    # at 3e-2; 1e-1 lower), sentiment peaked at 3e-3. A full sweep is 40 runs (~1 h on 2 cores).
     parser.add_argument("--dense-lrs", type=float, nargs="+", default=[1e-4, 3e-4])
     parser.add_argument(
         "--dense-head-lrs",
